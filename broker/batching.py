@@ -1,0 +1,116 @@
+"""Coalesce concurrent callers' Redis commands into one pipeline round trip.
+
+An unpipelined round trip costs about as much as the whole budget of a 4,000 RPS process
+(ARCHITECTURE.md contract 5). Each caller hands a ``build(pipe)`` function that queues its
+commands and returns a parser for their replies; callers arriving in the same event-loop
+turn, or while earlier batches are in flight, share one MULTI/EXEC. MULTI/EXEC makes a
+batch all-or-nothing when the connection drops, so no RPC is half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import redis.exceptions as rex
+
+from broker.retry import RetryPolicy
+from broker.scripts import Scripts
+
+Build = Callable[[Any], Callable[[list], Any] | None]
+
+
+class Batcher:
+    def __init__(
+        self,
+        redis,
+        scripts: Scripts,
+        policy: RetryPolicy,
+        max_inflight: int = 4,
+        max_batch: int = 1000,
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._policy = policy
+        self._max_batch = max_batch
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._pending: list[tuple[Build, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.round_trips = 0  # pipelines sent, for metrics and benchmarks
+        self.calls = 0
+
+    async def submit(self, build: Build) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((build, fut))
+        self.calls += 1
+        if len(self._pending) == 1 or len(self._pending) % self._max_batch == 0:
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _drain(self) -> None:
+        async with self._slots:
+            # Take the batch only once a slot is free: callers pile up meanwhile.
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            if self._pending:
+                task = asyncio.create_task(self._drain())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[tuple[Build, asyncio.Future]]) -> None:
+        try:
+            leftovers = await self._policy.run(self._execute, batch)
+            if leftovers:  # NOSCRIPT: Redis lost its script cache; load and run those again
+                await self._policy.run(self._scripts.load, self._redis)
+                leftovers = await self._policy.run(self._execute, leftovers)
+            for _, fut in leftovers:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("lua scripts missing after reload"))
+        except BaseException as exc:  # BrokerUnavailable, or cancellation
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _execute(self, batch):
+        pipe = self._redis.pipeline(transaction=True)
+        spans = []
+        for build, fut in batch:
+            if fut.done():
+                continue
+            start = len(pipe.command_stack)
+            try:
+                parse = build(pipe)
+            except Exception as exc:
+                del pipe.command_stack[start:]
+                fut.set_exception(exc)
+                continue
+            spans.append((build, fut, start, len(pipe.command_stack), parse))
+        if not spans:
+            return []
+        self.round_trips += 1
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        finally:
+            await pipe.reset()
+        retry_scripts = []
+        for build, fut, start, end, parse in spans:
+            mine = results[start:end]
+            if any(isinstance(r, rex.NoScriptError) for r in mine):
+                retry_scripts.append((build, fut))
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                fut.set_exception(error)
+                continue
+            try:
+                fut.set_result(parse(mine) if callable(parse) else mine)
+            except Exception as exc:
+                fut.set_exception(exc)
+        return retry_scripts

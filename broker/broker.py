@@ -1,0 +1,93 @@
+"""The Broker: the one object the front end and the workers hold to reach Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from broker.batching import Batcher
+from broker.context import Context, Settings
+from broker.inbound import Inbound
+from broker.keys import Keys
+from broker.models import ModelStore
+from broker.presence import Presence
+from broker.retry import RetryPolicy
+from broker.scripts import Scripts
+from broker.tasks import TaskQueues
+from broker.wakeups import Wakeups
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Broker:
+    def __init__(
+        self,
+        client,
+        settings: Settings | None = None,
+        replica_id: str = "",
+        model_dir: str | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.replica_id = replica_id or default_replica_id()
+        self.keys = Keys(self.settings.prefix)
+        self.scripts = Scripts()
+        policy = policy or RetryPolicy()
+        self.redis = client
+        self.batcher = Batcher(client, self.scripts, policy)
+        self.ctx = Context(client, self.keys, self.scripts, policy, self.batcher, self.settings)
+        self.presence = Presence(self.ctx, self.replica_id)
+        self.tasks = TaskQueues(self.ctx, self.replica_id)
+        self.inbound = Inbound(self.ctx, self.presence)
+        self.models = ModelStore(self.ctx, model_dir)
+        self.wakeups = Wakeups(self.ctx)
+
+    async def start(self) -> None:
+        """Load the scripts (bounded retries); raises BrokerUnavailable if Redis is down."""
+        await self.ctx.call(self.scripts.load, self.redis)
+
+    async def close(self) -> None:
+        await self.wakeups.stop()
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.ctx.call(self.redis.ping))
+
+
+def make_client(url: str, pool_size: int = 16):
+    """A small command pool. Retries are ours (tenacity), so redis-py's own are off; the
+    socket timeout bounds a command on a dead connection (blocking reads must stay below)."""
+    # Blocking pool: callers beyond pool_size wait for a connection instead of failing,
+    # which keeps the connection count per replica constant however many clients arrive.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=10,
+        socket_timeout=10,
+        socket_connect_timeout=3,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def connect(
+    url: str,
+    *,
+    settings: Settings | None = None,
+    replica_id: str = "",
+    model_dir: str | None = None,
+    policy: RetryPolicy | None = None,
+    pool_size: int = 16,
+) -> Broker:
+    broker = Broker(make_client(url, pool_size), settings, replica_id, model_dir, policy)
+    await broker.start()
+    return broker

@@ -1,0 +1,54 @@
+"""What every broker part shares: the client, the key schema, scripts, retries, batching."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from broker.batching import Batcher
+from broker.keys import Keys
+from broker.retry import RetryPolicy
+from broker.scripts import Scripts
+
+
+@dataclass
+class Settings:
+    prefix: str = "so"
+    stream_maxlen: int = 100_000  # MAXLEN ~ for every inbound stream
+    task_ttl: int = 7 * 24 * 3600  # task records and their id lookup expire after this
+    upload_ttl: int = 3600  # an unfinished upload (and its 'uploading' marker) expires
+    offline_after: float = 30.0  # seconds without contact before a client counts as offline
+    presence_every: float = 1.0  # a replica rewrites a client's last_seen at most this often
+
+
+@dataclass
+class Context:
+    redis: object
+    keys: Keys
+    scripts: Scripts
+    policy: RetryPolicy
+    batcher: Batcher
+    settings: Settings
+
+    async def call(self, fn, *args, **kwargs):
+        """One direct Redis call (off the hot paths) with the bounded retries."""
+        return await self.policy.run(fn, *args, **kwargs)
+
+
+def now() -> float:
+    return time.time()
+
+
+def now_str() -> str:
+    return f"{time.time():.6f}"
+
+
+def text(value) -> str:
+    """Redis replies are bytes; scalar fields are UTF-8 strings."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def text_map(raw: dict) -> dict[str, str]:
+    return {text(k): text(v) for k, v in raw.items()}

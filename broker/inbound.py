@@ -1,0 +1,57 @@
+"""Inbound streams: every message a client sends lands in ``P:in:<kind>`` before the RPC
+answers OK. Workers consume them with consumer groups."""
+
+from __future__ import annotations
+
+from broker.context import Context, now_str
+from broker.presence import Presence
+
+
+class Inbound:
+    def __init__(self, ctx: Context, presence: Presence) -> None:
+        self._ctx = ctx
+        self._presence = presence
+
+    async def add(self, kind: str, client_id: str, fields: dict, name: str = "") -> str:
+        """Append one message and count it as contact; returns the stream entry id."""
+        stream = self._ctx.keys.inbound(kind)
+        entry = {"client_id": client_id, "received_at": now_str(), **fields}
+        maxlen = self._ctx.settings.stream_maxlen
+
+        def build(pipe):
+            pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)
+            self._presence.touch_commands(pipe, client_id, name)
+            return lambda replies: replies[0]
+
+        return await self._ctx.batcher.submit(build)
+
+    async def add_result(
+        self,
+        kind: str,
+        client_id: str,
+        correlation_id: str,
+        result_field: str,
+        result_value: str,
+        fields: dict,
+        name: str = "",
+    ) -> str:
+        """Append a task result and keep the first one on the task record it answers."""
+        keys = self._ctx.keys
+        entry = {"client_id": client_id, "received_at": now_str(), **fields}
+        args = [
+            self._ctx.settings.stream_maxlen,
+            client_id,
+            result_field,
+            result_value,
+            now_str(),
+        ]
+        for k, v in entry.items():
+            args += [k, v]
+        script_keys = [keys.inbound(kind), keys.task(client_id, correlation_id)]
+
+        def build(pipe):
+            self._ctx.scripts.call(pipe, "ingest_result", script_keys, args)
+            self._presence.touch_commands(pipe, client_id, name)
+            return lambda replies: replies[0]
+
+        return await self._ctx.batcher.submit(build)

@@ -1,0 +1,126 @@
+"""The Redis key schema, in one place.
+
+Every key starts with a configurable prefix (default ``so``). Client-supplied strings
+(client ids, correlation ids, model ids) are percent-encoded before they go into a key:
+everything outside ``[A-Za-z0-9._~-]`` becomes ``%XX`` of its UTF-8 bytes, so an id with
+``{ } : * %``, spaces, newlines or unicode can neither collide with another id nor escape
+its namespace, and the Redis Cluster hash tag ``{c:<id>}`` stays intact.
+
+Per-client keys carry the hash tag ``{c:<client>}`` so a client's record, queue and task
+records live in one slot (the poll script touches only those).
+
+=================================  ======  ===========================================
+key                                type    holds
+=================================  ======  ===========================================
+P:{c:C}:client                     hash    id, name, status, last_seen, current, replica
+P:{c:C}:queue                      list    correlation ids of queued tasks (FIFO:
+                                           LPUSH in, RPOP out)
+P:{c:C}:task:T                     hash    one task: type, model_id, data, session_id,
+                                           round_id, state, flag, report, result ...
+P:taskref:T                        string  client id owning task T (lookup by id alone)
+P:clients                          zset    client id -> last seen (unix seconds)
+P:streams                          zset    client id -> lease expiry of an open TaskStream
+P:replicas                         zset    replica id -> lease expiry
+P:replica:R                        hash    replica id, address, started, streams, pid
+P:in:KIND                          stream  inbound messages (updates, validations, ...)
+P:model:M                          hash    model meta: state, size, sha256, store, chunks
+P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)
+P:model:M:upload:U                 list    chunks of an upload in progress (expires)
+P:wake:C                           pubsub  wake-up for client C's TaskStream
+=================================  ======  ===========================================
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote, unquote
+
+# Inbound stream kinds, one stream each (P:in:<kind>).
+INBOUND_KINDS = (
+    "updates",
+    "validations",
+    "predictions",
+    "metrics",
+    "statuses",
+    "telemetry",
+    "attributes",
+    "reports",
+    "presence",
+)
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def encode_id(value: str) -> str:
+    """Percent-encode a client-supplied id so it is safe (and injective) inside a key."""
+    return quote(value, safe="-._~")
+
+
+def decode_id(value: str) -> str:
+    return unquote(value)
+
+
+class Keys:
+    """Builds every key name from one prefix."""
+
+    def __init__(self, prefix: str = "so") -> None:
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"key prefix must match {_PREFIX_RE.pattern}, got {prefix!r}")
+        self.prefix = prefix
+
+    # per client (one hash slot per client)
+    def client_tag(self, client_id: str) -> str:
+        return f"{self.prefix}:{{c:{encode_id(client_id)}}}"
+
+    def client(self, client_id: str) -> str:
+        return f"{self.client_tag(client_id)}:client"
+
+    def queue(self, client_id: str) -> str:
+        return f"{self.client_tag(client_id)}:queue"
+
+    def task(self, client_id: str, correlation_id: str) -> str:
+        return f"{self.client_tag(client_id)}:task:{encode_id(correlation_id)}"
+
+    def task_prefix(self, client_id: str) -> str:
+        """What the poll script prepends to an (encoded) correlation id."""
+        return f"{self.client_tag(client_id)}:task:"
+
+    # global
+    def taskref(self, correlation_id: str) -> str:
+        return f"{self.prefix}:taskref:{encode_id(correlation_id)}"
+
+    @property
+    def clients(self) -> str:
+        return f"{self.prefix}:clients"
+
+    @property
+    def streams(self) -> str:
+        return f"{self.prefix}:streams"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}:replicas"
+
+    def replica(self, replica_id: str) -> str:
+        return f"{self.prefix}:replica:{encode_id(replica_id)}"
+
+    def inbound(self, kind: str) -> str:
+        if kind not in INBOUND_KINDS:
+            raise ValueError(f"unknown inbound stream {kind!r}")
+        return f"{self.prefix}:in:{kind}"
+
+    def model(self, model_id: str) -> str:
+        return f"{self.prefix}:model:{encode_id(model_id)}"
+
+    def model_chunks(self, model_id: str) -> str:
+        return f"{self.model(model_id)}:chunks"
+
+    def model_upload(self, model_id: str, upload_id: str) -> str:
+        return f"{self.model(model_id)}:upload:{upload_id}"
+
+    def wake(self, client_id: str) -> str:
+        return f"{self.prefix}:wake:{encode_id(client_id)}"
+
+    def wake_pattern_client(self, channel: str) -> str:
+        """The client id a wake channel belongs to."""
+        return decode_id(channel[len(f"{self.prefix}:wake:") :])

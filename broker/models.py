@@ -1,0 +1,242 @@
+"""The model store: meta in Redis, bytes either in Redis (chunk lists) or on a shared disk.
+
+An upload is staged under a private name (a temp chunk list, or a temp file) and made
+visible in one step by ``model_commit.lua``, so a half-uploaded model is never served.
+While it is staged, the meta says 'uploading' and Download answers "not ready".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import pathlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from broker.context import Context, now_str, text, text_map
+from broker.errors import Conflict, InvalidInput, NotFound, NotReady, TooLarge
+
+CHUNK = 1024 * 1024  # stored and served chunk size (the client sends 1 MiB chunks)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,255}$")
+
+
+def check_model_id(model_id: str) -> None:
+    """A model id becomes a file name in the disk store: no separators, no '..', <= 256."""
+    if not model_id:
+        raise InvalidInput("model id must not be empty")
+    if not _SAFE_ID.match(model_id) or ".." in model_id:
+        raise InvalidInput(
+            "model id must be 1-256 characters of letters, digits, '.', '_' or '-', "
+            f"not start with '.', and not contain '..'; got {model_id[:80]!r}"
+        )
+
+
+class Upload:
+    """One upload in progress: feed it chunks, then commit (or abort)."""
+
+    def __init__(self, store: ModelStore, model_id: str, max_bytes: int) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.upload_id = uuid.uuid4().hex
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.chunks = 0
+        self._sha = hashlib.sha256()
+        self._buffer = bytearray()
+        self._file = None
+        self._tried: set[int] = set()
+
+    async def begin(self) -> None:
+        ctx = self.store.ctx
+        await ctx.call(
+            ctx.scripts.call,
+            ctx.redis,
+            "model_begin",
+            [ctx.keys.model(self.model_id)],
+            [ctx.settings.upload_ttl, self.upload_id, now_str()],
+        )
+        if self.store.directory is not None:
+            path = self.store.directory / f".upload-{self.upload_id}"
+            self._file = await asyncio.to_thread(open, path, "wb")
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            raise TooLarge(f"model exceeds the limit of {self.max_bytes} bytes")
+        self._sha.update(data)
+        self._buffer += data
+        while len(self._buffer) >= CHUNK:
+            await self._flush(bytes(self._buffer[:CHUNK]))
+            del self._buffer[:CHUNK]
+
+    async def _flush(self, chunk: bytes) -> None:
+        if self._file is not None:
+            await asyncio.to_thread(self._file.write, chunk)
+        else:
+            await self.store.ctx.call(self._append, chunk, self.chunks)
+        self.chunks += 1
+
+    async def _append(self, chunk: bytes, index: int) -> None:
+        # Idempotent under retries: a chunk whose RPUSH reply was lost is not pushed twice.
+        ctx = self.store.ctx
+        key = ctx.keys.model_upload(self.model_id, self.upload_id)
+        if index in self._tried and await ctx.redis.llen(key) == index + 1:
+            return
+        self._tried.add(index)
+        pipe = ctx.redis.pipeline(transaction=True)
+        pipe.rpush(key, chunk)
+        pipe.expire(key, ctx.settings.upload_ttl)
+        length, _ = await pipe.execute()
+        if length != index + 1:
+            raise RuntimeError(f"upload {self.upload_id} out of order at chunk {index}")
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    async def commit(self) -> str:
+        """Make the model visible; returns 'ok' or 'same' (identical model already there)."""
+        if self._buffer:
+            await self._flush(bytes(self._buffer))
+            self._buffer.clear()
+        ctx, store = self.store.ctx, self.store
+        if self._file is not None:
+            meta = await store.meta(self.model_id)
+            if meta.get("state") == "ok":
+                await self.abort()
+                if meta.get("sha256") == self.sha256:
+                    return "same"
+                raise Conflict(f"a different model is already stored as {self.model_id!r}")
+            await asyncio.to_thread(self._close_file, True)
+        keys = ctx.keys
+        result = text(
+            await ctx.call(
+                ctx.scripts.call,
+                ctx.redis,
+                "model_commit",
+                [
+                    keys.model(self.model_id),
+                    keys.model_chunks(self.model_id),
+                    keys.model_upload(self.model_id, self.upload_id),
+                ],
+                [self.sha256, self.size, self.chunks, store.kind, now_str(), self.upload_id],
+            )
+        )
+        if result == "conflict":
+            raise Conflict(f"a different model is already stored as {self.model_id!r}")
+        return result
+
+    def _close_file(self, keep: bool) -> None:
+        f, self._file = self._file, None
+        path = self.store.directory / f".upload-{self.upload_id}"
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        if keep:
+            os.replace(path, self.store.directory / self.model_id)
+        else:
+            path.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        ctx = self.store.ctx
+        if self._file is not None:
+            await asyncio.to_thread(self._close_file, False)
+        await ctx.call(
+            ctx.scripts.call,
+            ctx.redis,
+            "model_abort",
+            [ctx.keys.model(self.model_id), ctx.keys.model_upload(self.model_id, self.upload_id)],
+            [self.upload_id],
+        )
+
+
+class ModelStore:
+    def __init__(self, ctx: Context, directory: str | os.PathLike | None = None) -> None:
+        self.ctx = ctx
+        self.directory = pathlib.Path(directory).resolve() if directory else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.kind = "disk" if self.directory is not None else "redis"
+
+    def upload(self, model_id: str, max_bytes: int) -> Upload:
+        check_model_id(model_id)
+        return Upload(self, model_id, max_bytes)
+
+    async def meta(self, model_id: str) -> dict[str, str]:
+        raw = await self.ctx.call(self.ctx.redis.hgetall, self.ctx.keys.model(model_id))
+        return text_map(raw)
+
+    async def ready_meta(self, model_id: str) -> dict[str, str]:
+        """Meta of a stored model; NotFound / NotReady otherwise."""
+        check_model_id(model_id)
+        meta = await self.meta(model_id)
+        if not meta:
+            raise NotFound(f"no model {model_id!r}")
+        if meta.get("state") != "ok":
+            raise NotReady(f"model {model_id!r} is still {meta.get('state', 'unknown')}")
+        return meta
+
+    async def read(self, model_id: str) -> tuple[dict[str, str], AsyncIterator[bytes]]:
+        """The meta and an iterator over the bytes in chunks of at most 1 MiB."""
+        meta = await self.ready_meta(model_id)
+        if meta.get("store") == "disk":
+            if self.directory is None:
+                raise NotReady(f"model {model_id!r} is on disk; this process has no --model-dir")
+            return meta, self._read_file(self.directory / model_id)
+        return meta, self._read_chunks(model_id, int(meta.get("chunks", 0)))
+
+    async def _read_chunks(self, model_id: str, count: int) -> AsyncIterator[bytes]:
+        key = self.ctx.keys.model_chunks(model_id)
+        nxt = None
+        for i in range(count):
+            # Fetch the next chunk while the caller sends this one.
+            cur = nxt if nxt is not None else asyncio.ensure_future(self._chunk(key, i))
+            nxt = asyncio.ensure_future(self._chunk(key, i + 1)) if i + 1 < count else None
+            try:
+                yield await cur
+            except BaseException:
+                if nxt is not None:
+                    nxt.cancel()
+                raise
+
+    async def _chunk(self, key: str, index: int) -> bytes:
+        got = await self.ctx.call(self.ctx.redis.lindex, key, index)
+        if got is None:
+            raise NotFound("model chunks vanished while reading")
+        return got
+
+    async def _read_file(self, path: pathlib.Path) -> AsyncIterator[bytes]:
+        f = await asyncio.to_thread(open, path, "rb")
+        try:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    async def get(self, model_id: str) -> bytes:
+        _, chunks = await self.read(model_id)
+        return b"".join([c async for c in chunks])
+
+    async def put(self, data: bytes, model_id: str = "", max_bytes: int = 1 << 62) -> str:
+        """Store bytes under a new id (uuid4) or the given one; returns the id."""
+        model_id = model_id or str(uuid.uuid4())
+        upload = self.upload(model_id, max_bytes)
+        await upload.begin()
+        try:
+            for i in range(0, len(data), CHUNK):
+                await upload.write(data[i : i + CHUNK])
+            await upload.commit()
+        except BaseException:
+            await upload.abort()
+            raise
+        return model_id
+
+    async def delete(self, model_id: str) -> None:
+        keys = self.ctx.keys
+        await self.ctx.call(
+            self.ctx.redis.delete, keys.model(model_id), keys.model_chunks(model_id)
+        )
+        if self.directory is not None:
+            (self.directory / model_id).unlink(missing_ok=True)

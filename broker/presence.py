@@ -1,0 +1,107 @@
+"""Who is online: last seen per client, Announce Connect/Disconnect, open TaskStreams.
+
+Every RPC is a liveness signal (protocol.md §5). A client is online while its last contact
+is within ``offline_after`` seconds or it holds an open TaskStream (a lease the serving
+replica keeps renewing). Writes are throttled per client per replica, since telemetry alone
+arrives every 5 s per client and last_seen needs no finer grain than a second.
+"""
+
+from __future__ import annotations
+
+from broker.context import Context, now, now_str, text, text_map
+
+
+class Presence:
+    def __init__(self, ctx: Context, replica_id: str) -> None:
+        self._ctx = ctx
+        self._replica = replica_id
+        self._last_write: dict[str, float] = {}
+
+    def touch_commands(self, pipe, client_id: str, name: str = "") -> None:
+        """Queue the presence writes for one contact, unless written very recently."""
+        t = now()
+        if t - self._last_write.get(client_id, 0.0) < self._ctx.settings.presence_every:
+            return
+        if len(self._last_write) > 200_000:
+            self._last_write.clear()
+        self._last_write[client_id] = t
+        keys = self._ctx.keys
+        fields = {"id": client_id, "last_seen": f"{t:.6f}", "status": "online"}
+        fields["replica"] = self._replica
+        if name:
+            fields["name"] = name
+        pipe.hset(keys.client(client_id), mapping=fields)
+        pipe.zadd(keys.clients, {client_id: t})
+
+    def forget_throttle(self, client_id: str) -> None:
+        self._last_write.pop(client_id, None)
+
+    async def touch(self, client_id: str, name: str = "") -> None:
+        await self._ctx.batcher.submit(lambda pipe: self.touch_commands(pipe, client_id, name))
+
+    async def connect(self, client_id: str, name: str = "") -> None:
+        keys, t = self._ctx.keys, now_str()
+        self.forget_throttle(client_id)
+
+        def build(pipe):
+            self.touch_commands(pipe, client_id, name)
+            pipe.hset(keys.client(client_id), "connected_at", t)
+            self._event_commands(pipe, client_id, "connect")
+
+        await self._ctx.batcher.submit(build)
+
+    async def disconnect(self, client_id: str) -> None:
+        """Announce Disconnect: offline at once; workers time out its tasks."""
+        keys = self._ctx.keys
+        self.forget_throttle(client_id)
+
+        def build(pipe):
+            pipe.hset(
+                keys.client(client_id),
+                mapping={"id": client_id, "status": "offline", "disconnected_at": now_str()},
+            )
+            pipe.zrem(keys.clients, client_id)
+            self._event_commands(pipe, client_id, "disconnect")
+
+        await self._ctx.batcher.submit(build)
+
+    def _event_commands(self, pipe, client_id: str, event: str) -> None:
+        pipe.xadd(
+            self._ctx.keys.inbound("presence"),
+            {"client_id": client_id, "event": event, "replica": self._replica, "ts": now_str()},
+            maxlen=self._ctx.settings.stream_maxlen,
+            approximate=True,
+        )
+
+    async def renew_streams(self, client_ids: list[str], lease: float) -> None:
+        """Keep the TaskStream leases (and last_seen) of this replica's open streams."""
+        if not client_ids:
+            return
+        keys, t = self._ctx.keys, now()
+
+        def build(pipe):
+            pipe.zadd(keys.streams, {c: t + lease for c in client_ids})
+            pipe.zadd(keys.clients, {c: t for c in client_ids})
+
+        await self._ctx.batcher.submit(build)
+
+    async def end_stream(self, client_id: str) -> None:
+        await self._ctx.batcher.submit(lambda pipe: pipe.zrem(self._ctx.keys.streams, client_id))
+
+    async def online(self) -> list[str]:
+        """Ids of clients online now: recent contact or an open TaskStream."""
+        keys, t = self._ctx.keys, now()
+        seen_after = t - self._ctx.settings.offline_after
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            pipe.zrangebyscore(keys.clients, seen_after, "+inf")
+            pipe.zrangebyscore(keys.streams, t, "+inf")
+            return await pipe.execute()
+
+        recent, streaming = await self._ctx.call(read)
+        return sorted({text(c) for c in recent} | {text(c) for c in streaming})
+
+    async def client(self, client_id: str) -> dict[str, str]:
+        raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.client(client_id))
+        return text_map(raw)

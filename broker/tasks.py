@@ -1,0 +1,208 @@
+"""Durable per-client task queues and task records (protocol.md §4.2, §6).
+
+A task is a hash in the client's slot; the queue holds encoded correlation ids. Handing
+out, reporting, aborting and timing out are Lua scripts, so a task is handed out once per
+attempt even when several replicas serve the same client.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+from broker.context import Context, now_str, text, text_map
+from broker.errors import Conflict, InvalidInput
+from broker.keys import encode_id
+
+TASK_TYPES = ("Fedn_ModelUpdate", "Fedn_Validation", "Fedn_Prediction")
+FINAL_STATES = ("completed", "failed", "interrupted", "cancelled", "timeout", "lost")
+# Fields of a TaskRequest, in the order the Lua scripts return them.
+WIRE_FIELDS = ("correlation_id", "type", "model_id", "data", "session_id", "round_id", "timestamp")
+
+
+@dataclass
+class Task:
+    """A task as the client sees it (TaskRequest fields)."""
+
+    correlation_id: str
+    type: str
+    client_id: str = ""
+    model_id: str = ""
+    data: str = ""
+    session_id: str = ""
+    round_id: str = ""
+    timestamp: str = ""
+
+
+@dataclass
+class PollReply:
+    task: Task | None = None  # a new task to start
+    echo: str = ""  # correlation id of the client's current task
+    status: str = ""  # '', 'INTERRUPTED' or 'TIMEOUT' with echo
+    extra: dict = field(default_factory=dict)
+
+
+def validate_task_type(task_type: str) -> None:
+    if task_type in TASK_TYPES or (task_type.startswith("Custom_") and len(task_type) > 7):
+        return
+    raise InvalidInput(
+        f"task type must be one of {', '.join(TASK_TYPES)} or Custom_<name>, got {task_type!r}"
+    )
+
+
+def _task_from(values: list, client_id: str) -> Task:
+    return Task(
+        client_id=client_id, **{k: text(v) for k, v in zip(WIRE_FIELDS, values, strict=True)}
+    )
+
+
+class TaskQueues:
+    def __init__(self, ctx: Context, replica_id: str) -> None:
+        self._ctx = ctx
+        self._replica = replica_id
+
+    async def push(
+        self,
+        client_id: str,
+        task_type: str,
+        *,
+        model_id: str = "",
+        data: str = "",
+        session_id: str = "",
+        round_id: str = "",
+        correlation_id: str = "",
+    ) -> str:
+        """Queue one task for one client and wake its TaskStream; returns the correlation id."""
+        if not client_id:
+            raise InvalidInput("client id must not be empty")
+        validate_task_type(task_type)
+        if task_type == "Fedn_ModelUpdate" or task_type.startswith("Custom_"):
+            # The client fails a training task whose data is not a JSON object (§4.3).
+            try:
+                parsed = json.loads(data) if data else {}
+            except ValueError as exc:
+                raise InvalidInput(f"task data must be a JSON object: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise InvalidInput("task data must be a JSON object")
+            if task_type == "Fedn_ModelUpdate":
+                parsed.setdefault("client_settings", {})
+                if session_id:
+                    parsed.setdefault("session_id", session_id)
+                if round_id:
+                    parsed.setdefault("round_id", round_id)
+                data = json.dumps(parsed)
+        correlation_id = correlation_id or str(uuid.uuid4())
+        keys, ttl = self._ctx.keys, self._ctx.settings.task_ttl
+        fields = {
+            "correlation_id": correlation_id,
+            "client_id": client_id,
+            "type": task_type,
+            "model_id": model_id,
+            "data": data,
+            "session_id": session_id,
+            "round_id": round_id,
+            "timestamp": now_str(),
+            "created_at": now_str(),
+        }
+        args = [encode_id(correlation_id), ttl, keys.wake(client_id)]
+        for k, v in fields.items():
+            args += [k, v]
+        task_keys = [
+            keys.task(client_id, correlation_id),
+            keys.queue(client_id),
+            keys.taskref(correlation_id),
+        ]
+        ok = await self._ctx.batcher.submit(
+            lambda pipe: self._ctx.scripts.call(pipe, "push", task_keys, args)
+        )
+        if not ok[0]:
+            raise Conflict(f"correlation id {correlation_id!r} is already in use")
+        return correlation_id
+
+    async def poll(
+        self,
+        client_id: str,
+        *,
+        name: str = "",
+        correlation_id: str = "",
+        status: str = "",
+        done: bool = False,
+        response: str = "",
+    ) -> PollReply:
+        """One PollAndReport, as one script call shared with concurrent RPCs' pipelines."""
+        keys, s = self._ctx.keys, self._ctx.settings
+        script_keys = [
+            keys.client(client_id),
+            keys.queue(client_id),
+            keys.clients,
+            keys.inbound("reports"),
+        ]
+        args = [
+            now_str(),
+            client_id,
+            name,
+            self._replica,
+            correlation_id,
+            encode_id(correlation_id),
+            status,
+            "1" if done else "0",
+            response,
+            keys.task_prefix(client_id),
+            s.stream_maxlen,
+        ]
+        reply = await self._ctx.batcher.submit(
+            lambda pipe: self._ctx.scripts.call(pipe, "poll", script_keys, args)
+        )
+        reply = reply[0]
+        kind = text(reply[0])
+        if kind == "task":
+            return PollReply(task=_task_from(reply[1:], client_id))
+        if kind == "echo":
+            return PollReply(echo=text(reply[1]), status=text(reply[2]))
+        return PollReply()
+
+    async def take_for_stream(self, client_id: str, limit: int = 100) -> list[Task]:
+        """Every queued task of a client, for its TaskStream (each taken exactly once)."""
+        keys = self._ctx.keys
+        script_keys = [keys.client(client_id), keys.queue(client_id), keys.clients]
+        args = [now_str(), client_id, self._replica, keys.task_prefix(client_id), limit]
+        flat = await self._ctx.batcher.submit(
+            lambda pipe: self._ctx.scripts.call(pipe, "stream_take", script_keys, args)
+        )
+        flat = flat[0]
+        n = len(WIRE_FIELDS)
+        return [_task_from(flat[i : i + n], client_id) for i in range(0, len(flat), n)]
+
+    async def flag(self, correlation_id: str, flag: str) -> str:
+        """Abort ('abort') or time out ('timeout') a task; returns its previous state."""
+        if flag not in ("abort", "timeout"):
+            raise InvalidInput("flag must be 'abort' or 'timeout'")
+        client_id = await self.owner(correlation_id)
+        if not client_id:
+            return ""
+        keys = self._ctx.keys
+        script_keys = [keys.task(client_id, correlation_id), keys.queue(client_id)]
+        args = [flag, now_str(), encode_id(correlation_id)]
+        out = await self._ctx.call(
+            self._ctx.scripts.call, self._ctx.redis, "flag", script_keys, args
+        )
+        return text(out)
+
+    async def owner(self, correlation_id: str) -> str:
+        return text(
+            await self._ctx.call(self._ctx.redis.get, self._ctx.keys.taskref(correlation_id))
+        )
+
+    async def show(self, correlation_id: str) -> dict[str, str]:
+        """The whole task record ({} if unknown)."""
+        client_id = await self.owner(correlation_id)
+        if not client_id:
+            return {}
+        raw = await self._ctx.call(
+            self._ctx.redis.hgetall, self._ctx.keys.task(client_id, correlation_id)
+        )
+        return text_map(raw)
+
+    async def queued(self, client_id: str) -> int:
+        return await self._ctx.call(self._ctx.redis.llen, self._ctx.keys.queue(client_id))

@@ -1,0 +1,3 @@
+from combiner.cli import main
+
+main()

@@ -1,0 +1,312 @@
+"""The `combiner` command line (ARCHITECTURE.md). Every flag also reads COMBINER_<FLAG>."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import pathlib
+import sys
+
+import click
+
+from broker import Broker, BrokerError, connect
+from broker.context import Settings
+from broker.embedded import EmbeddedRedis
+from combiner import __version__, logs
+
+
+def option(*decls, **kwargs):
+    """A click option that also reads COMBINER_<LONG_NAME> from the environment."""
+    long = next(d for d in decls if d.startswith("--"))
+    kwargs.setdefault("envvar", "COMBINER_" + long[2:].replace("-", "_").upper())
+    kwargs.setdefault("show_envvar", True)
+    if "default" in kwargs and "show_default" not in kwargs:
+        kwargs["show_default"] = True
+    return click.option(*decls, **kwargs)
+
+
+def redis_options(fn):
+    """Where Redis is, and how to log: shared by every command that touches Redis."""
+    decorators = [
+        option(
+            "--redis-url",
+            default=None,
+            help="Redis to use, e.g. redis://127.0.0.1:6379/0. Default: an embedded "
+            "redis-server child process with its data under --state-dir.",
+        ),
+        option(
+            "--state-dir",
+            default=".combiner",
+            type=click.Path(file_okay=False),
+            help="Folder for the embedded Redis and the default disk model store.",
+        ),
+        option("--prefix", default="so", help="Prefix of every Redis key."),
+        option(
+            "--log-level",
+            default="info",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            help="Log verbosity.",
+        ),
+        option(
+            "--log-format",
+            default="text",
+            type=click.Choice(["text", "json"]),
+            help="Log lines as text or as JSON objects.",
+        ),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def model_store_options(fn):
+    fn = option(
+        "--model-dir",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Folder of the disk model store (shared by all replicas). "
+        "Default with --model-store disk: <state-dir>/models.",
+    )(fn)
+    return option(
+        "--model-store",
+        default="redis",
+        type=click.Choice(["redis", "disk"]),
+        help="Where new models' bytes go: chunks in Redis, or files on a shared disk.",
+    )(fn)
+
+
+def resolve_model_dir(kw) -> str | None:
+    store, model_dir = kw.pop("model_store", "redis"), kw.pop("model_dir", None)
+    if store == "disk":
+        return model_dir or str(pathlib.Path(kw["state_dir"]) / "models")
+    return model_dir  # given without disk store: used only to read disk-stored models
+
+
+async def open_broker(kw, **extra) -> tuple[Broker, EmbeddedRedis | None]:
+    url, embedded = kw["redis_url"], None
+    if not url:
+        embedded = EmbeddedRedis(kw["state_dir"])
+        url = await asyncio.to_thread(embedded.start)
+    broker = await connect(url, settings=Settings(prefix=kw["prefix"]), **extra)
+    return broker, embedded
+
+
+def run_async(fn):
+    """Run an async command body; broker errors become a clear CLI error, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        logs.setup(kw.pop("log_level", "info"), kw.pop("log_format", "text"))
+        try:
+            return asyncio.run(fn(**kw))
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="combiner")
+def main() -> None:
+    """A horizontally scaled federated-learning combiner over Redis.
+
+    Stateless gRPC replicas speak the scaleout protocol (the published scaleout 1.0.0
+    client works against them); all state lives in Redis, so clients may use any replica.
+    """
+
+
+@main.command()
+@redis_options
+@model_store_options
+@option("--host", default="127.0.0.1", help="Address to listen on.")
+@option("--port", default=12080, type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@option("--replica-id", default="", help="Name of this replica (default: host-pid-random).")
+@option(
+    "--max-model-bytes",
+    default=1 << 30,
+    type=click.IntRange(1),
+    help="Largest model an Upload may carry (bigger: RESOURCE_EXHAUSTED).",
+)
+@option(
+    "--drain-timeout",
+    default=10.0,
+    type=click.FloatRange(0),
+    help="On SIGTERM, seconds in-flight calls may take to finish.",
+)
+@option(
+    "--stream-keepalive",
+    default=15.0,
+    type=click.FloatRange(0.1),
+    help="Seconds between keepalive messages on an idle TaskStream.",
+)
+@run_async
+async def serve(**kw) -> None:
+    """Run one front-end replica (gRPC: CombinerClient, ModelService, health, reflection)."""
+    from combiner.server import ServeOptions
+    from combiner.server import serve as run_replica
+
+    model_dir = resolve_model_dir(kw)
+    broker, embedded = await open_broker(kw, replica_id=kw["replica_id"], model_dir=model_dir)
+    opts = ServeOptions(
+        host=kw["host"],
+        port=kw["port"],
+        max_model_bytes=kw["max_model_bytes"],
+        drain_timeout=kw["drain_timeout"],
+        stream_keepalive=kw["stream_keepalive"],
+    )
+    try:
+        await run_replica(
+            broker, opts, ready=lambda port: print(f"listening on {opts.host}:{port}", flush=True)
+        )
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+@main.group()
+def model() -> None:
+    """Store and fetch models."""
+
+
+@model.command("put")
+@redis_options
+@model_store_options
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@option("--id", "model_id", default="", help="Model id to store under (default: a new uuid4).")
+@run_async
+async def model_put(**kw) -> None:
+    """Store FILE as a model and print its id."""
+    broker, _ = await open_broker(kw, model_dir=resolve_model_dir(kw))
+    try:
+        data = await asyncio.to_thread(pathlib.Path(kw["file"]).read_bytes)
+        model_id = await broker.models.put(data, kw["model_id"])
+        click.echo(model_id)
+    finally:
+        await broker.close()
+
+
+@model.command("get")
+@redis_options
+@model_store_options
+@click.argument("model_id")
+@option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@run_async
+async def model_get(**kw) -> None:
+    """Fetch model MODEL_ID into a file."""
+    broker, _ = await open_broker(kw, model_dir=resolve_model_dir(kw))
+    try:
+        data = await broker.models.get(kw["model_id"])
+        await asyncio.to_thread(pathlib.Path(kw["output"]).write_bytes, data)
+        click.echo(f"{len(data)} bytes written to {kw['output']}", err=True)
+    finally:
+        await broker.close()
+
+
+@main.group()
+def task() -> None:
+    """Queue tasks for clients and inspect them."""
+
+
+@task.command("push")
+@redis_options
+@option("--client", "client_id", required=True, help="Client id to queue the task for.")
+@option(
+    "--type",
+    "task_type",
+    required=True,
+    help="Fedn_ModelUpdate, Fedn_Validation, Fedn_Prediction or Custom_<name>.",
+)
+@option("--model", "model_id", default="", help="Model id the client should download.")
+@option("--data", default="", help="Task data: a JSON object (client_settings for training).")
+@option("--session", "session_id", default="", help="Session id echoed back by the client.")
+@option("--round", "round_id", default="", help="Round id echoed back by the client.")
+@run_async
+async def task_push(**kw) -> None:
+    """Queue a task for one client and print its correlation id."""
+    broker, _ = await open_broker(kw)
+    try:
+        if kw["model_id"]:
+            await broker.models.ready_meta(kw["model_id"])
+        corr = await broker.tasks.push(
+            kw["client_id"],
+            kw["task_type"],
+            model_id=kw["model_id"],
+            data=kw["data"],
+            session_id=kw["session_id"],
+            round_id=kw["round_id"],
+        )
+        click.echo(corr)
+    finally:
+        await broker.close()
+
+
+RESULT_FIELDS = {
+    "Fedn_ModelUpdate": ("model_update_id", "model update id"),
+    "Fedn_Validation": ("result", "validation"),
+    "Fedn_Prediction": ("result", "prediction"),
+}
+
+
+def task_view(record: dict[str, str]) -> dict:
+    """A task as `task show` presents it: state, the client's report, the result."""
+    kind = record.get("type", "")
+    field, _ = RESULT_FIELDS.get(kind, ("report_response", "response"))
+    result = record.get(field, "")
+    if kind in ("Fedn_Validation", "Fedn_Prediction") or kind.startswith("Custom_"):
+        try:
+            result = json.loads(result) if result else None
+        except ValueError:
+            pass  # stored as the client sent it
+    view = {
+        "correlation_id": record.get("correlation_id", ""),
+        "client_id": record.get("client_id", ""),
+        "type": kind,
+        "state": record.get("state", ""),
+        "flag": record.get("flag", ""),
+        "model_id": record.get("model_id", ""),
+        "session_id": record.get("session_id", ""),
+        "round_id": record.get("round_id", ""),
+        "attempts": int(record.get("attempts", "0") or 0),
+        "delivered_via": record.get("via", ""),
+        "report": {
+            "status": record.get("report_status", ""),
+            "response": record.get("report_response", ""),
+            "at": record.get("reported_at", ""),
+        },
+        "result": result,
+    }
+    if kind == "Fedn_ModelUpdate":
+        view["model_update_id"] = record.get("model_update_id", "")
+    return view
+
+
+@task.command("show")
+@redis_options
+@click.argument("correlation_id")
+@option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
+@run_async
+async def task_show(**kw) -> None:
+    """Show a task's state, the client's report and the result it produced."""
+    broker, _ = await open_broker(kw)
+    try:
+        record = await broker.tasks.show(kw["correlation_id"])
+    finally:
+        await broker.close()
+    if not record:
+        raise click.ClickException(f"no task {kw['correlation_id']!r}")
+    view = task_view(record)
+    if kw["as_json"]:
+        click.echo(json.dumps(view, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for key, value in view.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value)
+        table.add_row(key, "" if value is None else str(value))
+    Console().print(table)

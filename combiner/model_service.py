@@ -1,0 +1,66 @@
+"""ModelService: Upload and Download of model bytes (protocol.md §4.4, §4.5)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from broker import Broker, InvalidInput
+from broker.errors import BrokerError
+from combiner.errors import streaming, unary
+from combiner.pb import scaleout_pb2 as pb
+from combiner.pb import scaleout_pb2_grpc as pb_grpc
+
+log = logging.getLogger("combiner")
+
+
+class ModelServicer(pb_grpc.ModelServiceServicer):
+    def __init__(self, broker: Broker, max_model_bytes: int) -> None:
+        self.broker = broker
+        self.max_model_bytes = max_model_bytes
+
+    @unary
+    async def Upload(self, request_iterator, context) -> pb.ModelResponse:
+        meta = {k: v for k, v in (context.invocation_metadata() or ())}
+        model_id = meta.get("model-id", "")
+        if not model_id:
+            raise InvalidInput("Upload needs the model-id metadata")
+        expected = meta.get("checksum", "").lower()
+        upload = self.broker.models.upload(model_id, self.max_model_bytes)
+        await upload.begin()
+        try:
+            async for chunk in request_iterator:
+                if chunk.data:
+                    await upload.write(chunk.data)
+            if expected and expected != upload.sha256:
+                await upload.abort()
+                log.warning("upload %s: checksum mismatch, discarded", model_id)
+                return pb.ModelResponse(
+                    status=pb.ModelStatus.FAILED,
+                    message=f"checksum mismatch: got {upload.sha256}, expected {expected}",
+                )
+            result = await upload.commit()
+        except BaseException:
+            # Too large, Redis gone, client cancelled: nothing becomes visible.
+            try:
+                await upload.abort()
+            except BrokerError as exc:  # the staged upload expires by itself
+                log.warning("upload %s: cleanup failed: %s", model_id, exc)
+            raise
+        log.info("model %s stored (%d bytes, %s)", model_id, upload.size, result)
+        return pb.ModelResponse(status=pb.ModelStatus.OK, message=f"stored {upload.size} bytes")
+
+    @streaming
+    async def Download(self, request: pb.ModelRequest, context):
+        if not request.model_id:
+            raise InvalidInput("model_id is empty")
+        meta, chunks = await self.broker.models.read(request.model_id)
+        async for chunk in chunks:
+            yield pb.FileChunk(data=chunk)
+        # The client verifies this trailer; it must be right or absent (§3.2).
+        context.set_trailing_metadata((("checksum", meta["sha256"]),))
+
+
+def add_to_server(servicer: ModelServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_ModelServiceServicer_to_server(servicer, server)

@@ -1,0 +1,158 @@
+"""One front-end replica: the grpc.aio server, health and reflection, and its upkeep loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker import Broker, BrokerError
+from combiner import model_service, servicer
+from combiner.pb import scaleout_pb2 as pb
+
+log = logging.getLogger("combiner")
+
+SERVICES = ("scaleout.CombinerClient", "scaleout.ModelService")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 12080
+    max_model_bytes: int = 1 << 30
+    drain_timeout: float = 10.0
+    stream_keepalive: float = 15.0
+    reuse_port: bool = False  # SO_REUSEPORT: only for several processes on one port
+
+
+def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
+    return [
+        # The 1.0.0 client pings every 5 s, also without calls (protocol.md §1, §12).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 4000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        # A second server on a taken port would silently share its traffic.
+        ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+    ]
+
+
+class Replica:
+    """A running replica: server + servicers + upkeep, started and stopped as one."""
+
+    def __init__(self, broker: Broker, opts: ServeOptions) -> None:
+        self.broker = broker
+        self.opts = opts
+        self.server = grpc.aio.server(options=grpc_options(opts))
+        self.combiner = servicer.CombinerServicer(broker, opts.stream_keepalive)
+        self.models = model_service.ModelServicer(broker, opts.max_model_bytes)
+        servicer.add_to_server(self.combiner, self.server)
+        model_service.add_to_server(self.models, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*(pb.DESCRIPTOR.services_by_name[s.split(".")[1]].full_name for s in SERVICES),
+             reflection.SERVICE_NAME, health.SERVICE_NAME),
+            self.server,
+        )  # fmt: skip
+        self.port = 0
+        self._upkeep: asyncio.Task | None = None
+        self.started = time.time()
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {self.opts.host}:{self.opts.port}")
+        self.broker.wakeups.start()
+        await self.server.start()
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._upkeep = asyncio.create_task(self._keep_up(), name="upkeep")
+        log.info(
+            "replica %s serving on %s:%d (model store: %s)",
+            self.broker.replica_id,
+            self.opts.host,
+            self.port,
+            self.broker.models.kind,
+        )
+        return self.port
+
+    async def _keep_up(self) -> None:
+        """Renew this replica's lease and the leases of its open TaskStreams."""
+        every = max(1.0, self.opts.stream_keepalive / 3)
+        keys = self.broker.keys
+        while True:
+            try:
+                streams = list(self.combiner.open_streams)
+                await self.broker.presence.renew_streams(streams, lease=3 * every + 5)
+                await self.broker.ctx.call(self._register, keys, len(streams), 3 * every + 5)
+            except BrokerError as exc:
+                log.warning("upkeep: %s", exc)
+            await asyncio.sleep(every)
+
+    async def _register(self, keys, streams: int, lease: float) -> None:
+        pipe = self.broker.redis.pipeline(transaction=True)
+        rid = self.broker.replica_id
+        pipe.zadd(keys.replicas, {rid: time.time() + lease})
+        pipe.hset(
+            keys.replica(rid),
+            mapping={
+                "id": rid,
+                "address": f"{self.opts.host}:{self.port}",
+                "pid": os.getpid(),
+                "started": f"{self.started:.3f}",
+                "streams": streams,
+                "seen": f"{time.time():.3f}",
+            },
+        )
+        pipe.expire(keys.replica(rid), int(lease) + 1)
+        await pipe.execute()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, end streams, let in-flight calls finish."""
+        grace = self.opts.drain_timeout if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.combiner.close_streams()
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+        await self.server.stop(grace)
+        with contextlib.suppress(Exception):
+            await self.broker.ctx.call(self._deregister)
+        await self.broker.close()
+
+    async def _deregister(self) -> None:
+        keys, rid = self.broker.keys, self.broker.replica_id
+        pipe = self.broker.redis.pipeline(transaction=True)
+        pipe.zrem(keys.replicas, rid)
+        pipe.delete(keys.replica(rid))
+        await pipe.execute()
+
+
+async def serve(broker: Broker, opts: ServeOptions, ready=None) -> None:
+    """Run a replica until SIGTERM/SIGINT, then drain."""
+    replica = Replica(broker, opts)
+    port = await replica.start()
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (up to %.0fs)", opts.drain_timeout)
+    await replica.stop()
+    log.info("replica %s stopped", broker.replica_id)

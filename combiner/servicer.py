@@ -1,0 +1,277 @@
+"""CombinerClient: every RPC of the seed's control service, translated to broker calls.
+
+Each inbound message is answered only after it is in Redis. Behaviour follows
+protocol.md §4; section numbers below refer to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+
+from broker import Broker, InvalidInput
+from broker.codec import pack
+from broker.tasks import Task
+from combiner import __version__
+from combiner.errors import streaming, unary
+from combiner.pb import scaleout_pb2 as pb
+from combiner.pb import scaleout_pb2_grpc as pb_grpc
+
+log = logging.getLogger("combiner")
+
+
+def identity(context, body_id: str) -> tuple[str, str]:
+    """The client id (body first, then the client-id/client metadata) and its name (§5)."""
+    meta = {k: v for k, v in (context.invocation_metadata() or ())}
+    client_id = body_id or meta.get("client-id", "") or meta.get("client", "")
+    if not client_id:
+        raise InvalidInput("client id is empty: set it in the message or the client-id metadata")
+    return client_id, meta.get("name", "")
+
+
+def timestamp(ts) -> str:
+    """A protobuf Timestamp as an ISO string ('' when unset)."""
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
+        return ""
+    return ts.ToDatetime().isoformat() + "Z"
+
+
+def task_request(task: Task) -> pb.TaskRequest:
+    return pb.TaskRequest(
+        correlation_id=task.correlation_id,
+        type=task.type,
+        model_id=task.model_id,
+        data=task.data,
+        session_id=task.session_id,
+        round_id=task.round_id,
+        timestamp=task.timestamp,
+        client_id=task.client_id,
+    )
+
+
+def version_ok(client_version: str) -> bool:
+    """Any 1.x client speaks this protocol."""
+    return client_version.split(".", 1)[0] == "1"
+
+
+class CombinerServicer(pb_grpc.CombinerClientServicer):
+    def __init__(self, broker: Broker, stream_keepalive: float = 15.0) -> None:
+        self.broker = broker
+        self.stream_keepalive = stream_keepalive
+        self.open_streams: dict[str, int] = {}  # client id -> local streams (for leases)
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """End every open TaskStream (drain); each ends with OK, which the client treats
+        as the end of its run, so drain prefers letting the connection go."""
+        self._closing.set()
+
+    # --- results (§4.6-§4.8) -------------------------------------------------------------
+
+    @unary
+    async def SendModelUpdate(self, request: pb.ModelUpdate, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        await self.broker.inbound.add_result(
+            "updates",
+            client_id,
+            request.correlation_id,
+            "model_update_id",
+            request.model_update_id,
+            {
+                "correlation_id": request.correlation_id,
+                "model_id": request.model_id,
+                "model_update_id": request.model_update_id,
+                "session_id": request.session_id,
+                "round_id": request.round_id,
+                "meta": request.meta,
+                "config": request.config,
+                "timestamp": timestamp(request.timestamp),
+            },
+            name,
+        )
+        return pb.Response(response="Model update received.")
+
+    async def _result(self, kind: str, request, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        await self.broker.inbound.add_result(
+            kind,
+            client_id,
+            request.correlation_id,
+            "result",
+            request.data,
+            {
+                "correlation_id": request.correlation_id,
+                "model_id": request.model_id,
+                "session_id": request.session_id,
+                "data": request.data,  # stored as-is, even if it is not valid JSON (§10)
+                "timestamp": timestamp(request.timestamp),
+            },
+            name,
+        )
+        return pb.Response(response=f"{kind[:-1].capitalize()} received.")
+
+    @unary
+    async def SendModelValidation(self, request: pb.ModelValidation, context) -> pb.Response:
+        return await self._result("validations", request, context)
+
+    @unary
+    async def SendModelPrediction(self, request: pb.ModelPrediction, context) -> pb.Response:
+        return await self._result("predictions", request, context)
+
+    # --- records (§4.9, §4.10) -----------------------------------------------------------
+
+    @unary
+    async def SendModelMetric(self, request: pb.ModelMetric, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        fields = {
+            "metrics": pack({m.key: m.value for m in request.metrics}),
+            "step": str(request.step.value) if request.HasField("step") else "",
+            "model_id": request.model_id,
+            "round_id": request.round_id,
+            "session_id": request.session_id,
+            "timestamp": timestamp(request.timestamp),
+        }
+        await self.broker.inbound.add("metrics", client_id, fields, name)
+        return pb.Response()
+
+    @unary
+    async def SendAttributeMessage(self, request: pb.AttributeMessage, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        fields = {
+            "attributes": pack({a.key: a.value for a in request.attributes}),
+            "timestamp": timestamp(request.timestamp),
+        }
+        await self.broker.inbound.add("attributes", client_id, fields, name)
+        return pb.Response()
+
+    @unary
+    async def SendTelemetryMessage(self, request: pb.TelemetryMessage, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        fields = {
+            "telemetries": pack({t.key: t.value for t in request.telemetries}),
+            "timestamp": timestamp(request.timestamp),
+        }
+        await self.broker.inbound.add("telemetry", client_id, fields, name)
+        return pb.Response()
+
+    @unary
+    async def SendStatus(self, request: pb.Status, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        fields = {
+            "status": request.status,
+            "log_level": pb.LogLevel.Name(request.log_level)
+            if request.log_level in pb.LogLevel.values()
+            else str(request.log_level),
+            "type": request.type,
+            "timestamp": timestamp(request.timestamp),
+        }
+        await self.broker.inbound.add("statuses", client_id, fields, name)
+        return pb.Response(response="Status received.")
+
+    # --- control (§4.1, §4.2, §4.11) -----------------------------------------------------
+
+    @unary
+    async def Announce(self, request: pb.ClientAnnounceRequest, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        kind = request.type
+        if kind == "VersionCheck":
+            try:
+                params = json.loads(request.parameters) if request.parameters else {}
+            except ValueError:
+                params = {}
+            version = str(params.get("client-version", "")) if isinstance(params, dict) else ""
+            ok = version_ok(version)
+            await self.broker.presence.touch(client_id, name)
+            message = "compatible" if ok else f"client version {version!r} is not supported (1.x)"
+            return pb.Response(
+                response=message,
+                parameters=json.dumps({"success": ok, "version": __version__}),
+            )
+        if kind == "Connect":
+            await self.broker.presence.connect(client_id, name)
+            log.info("client %s connected", client_id)
+            return pb.Response(response="Connected.")
+        if kind == "Disconnect":
+            await self.broker.presence.disconnect(client_id)
+            log.info("client %s disconnected", client_id)
+            return pb.Response(response="Disconnected.")
+        # Unknown type: OK and empty; an error on Connect would be retried forever (§4.1).
+        return pb.Response()
+
+    @unary
+    async def PollAndReport(self, request: pb.ActivityReport, context) -> pb.TaskRequest:
+        client_id, name = identity(context, request.node_id)
+        reply = await self.broker.tasks.poll(
+            client_id,
+            name=name,
+            correlation_id=request.correlation_id,
+            status=request.status,
+            done=request.done,
+            response=request.response,
+        )
+        if reply.task is not None:
+            log.debug("task %s (%s) -> %s", reply.task.correlation_id, reply.task.type, client_id)
+            return task_request(reply.task)
+        if reply.echo:
+            return pb.TaskRequest(correlation_id=reply.echo, status=reply.status)
+        return pb.TaskRequest()
+
+    @unary
+    async def SendHeartbeat(self, request: pb.Heartbeat, context) -> pb.Response:
+        client_id, name = identity(context, request.client_id)
+        await self.broker.presence.touch(client_id, name)
+        return pb.Response(response="Heartbeat received.")
+
+    @streaming
+    async def TaskStream(self, request: pb.ClientAvailableMessage, context):
+        client_id, name = identity(context, request.client_id)
+        broker = self.broker
+        event = broker.wakeups.register(client_id)  # set at once: read the queue first
+        self.open_streams[client_id] = self.open_streams.get(client_id, 0) + 1
+        await broker.presence.connect(client_id, name)
+        await broker.presence.renew_streams([client_id], lease=3 * self.stream_keepalive)
+        log.info("client %s opened a task stream", client_id)
+        sent: set[str] = set()
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            while not self._closing.is_set():
+                waiter = asyncio.ensure_future(event.wait())
+                done, _ = await asyncio.wait(
+                    {waiter, closing},
+                    timeout=self.stream_keepalive,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if waiter not in done:
+                    waiter.cancel()
+                    if closing in done:
+                        break
+                    # Application-level keepalive: an empty TaskRequest, which the client
+                    # ignores (no type), keeps proxies from cutting an idle stream.
+                    yield pb.TaskRequest()
+                    continue
+                event.clear()
+                for task in await broker.tasks.take_for_stream(client_id):
+                    if task.correlation_id in sent:  # de-duplicate by correlation id
+                        continue
+                    sent.add(task.correlation_id)
+                    yield task_request(task)
+        finally:
+            closing.cancel()
+            broker.wakeups.unregister(client_id, event)
+            left = self.open_streams.get(client_id, 1) - 1
+            if left:
+                self.open_streams[client_id] = left
+            else:
+                self.open_streams.pop(client_id, None)
+                try:
+                    await broker.presence.end_stream(client_id)
+                except Exception as exc:  # the stream is over either way
+                    log.warning("could not end stream lease of %s: %s", client_id, exc)
+            log.info("client %s task stream closed", client_id)
+
+
+def add_to_server(servicer: CombinerServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_CombinerClientServicer_to_server(servicer, server)

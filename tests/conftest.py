@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from broker import connect
+from broker.context import Settings
+from combiner.pb import scaleout_pb2_grpc as pb_grpc
+from combiner.server import Replica, ServeOptions
+from tests.services import redis_for_tests
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    with redis_for_tests() as url:
+        yield url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix per test: no test sees another's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def broker(redis_url, prefix):
+    b = await connect(redis_url, settings=Settings(prefix=prefix))
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def make_replica(redis_url, prefix):
+    """Start in-process replicas (real gRPC over loopback) sharing this test's prefix."""
+    started = []
+
+    async def start(model_dir=None, **opts):
+        b = await connect(redis_url, settings=Settings(prefix=prefix), model_dir=model_dir)
+        replica = Replica(b, ServeOptions(port=0, **opts))
+        await replica.start()
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        await replica.stop(grace=0)
+
+
+@pytest.fixture
+async def replica(make_replica):
+    return await make_replica()
+
+
+class Stubs:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.combiner = pb_grpc.CombinerClientStub(channel)
+        self.models = pb_grpc.ModelServiceStub(channel)
+
+
+@pytest.fixture
+async def stubs(replica):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+        yield Stubs(channel)
+
+
+def meta(client_id: str = "c1", name: str = "") -> tuple:
+    """The metadata the 1.0.0 client sends on every RPC (protocol.md §1)."""
+    return (("client", client_id), ("client-id", client_id), ("name", name or client_id))
