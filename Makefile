@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine (Python 3.11 and redis-server needed;
+# .ci/run installs redis-server and haproxy with apt when they are missing):
+#   make demo   the whole system on embedded defaults
+#   make test   lint, format check and the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo serve test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/combiner demo
+
+serve: $(STAMP)
+	$(VENV)/bin/combiner serve
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q -ra
+
+clean:
+	rm -rf $(VENV) .cache .combiner .pytest_cache .ruff_cache
