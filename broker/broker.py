@@ -18,6 +18,7 @@ from broker.models import ModelStore
 from broker.presence import Presence
 from broker.retry import RetryPolicy
 from broker.scripts import Scripts
+from broker.sessions import Sessions
 from broker.tasks import TaskQueues
 from broker.wakeups import Wakeups
 
@@ -48,6 +49,7 @@ class Broker:
         self.inbound = Inbound(self.ctx, self.presence)
         self.models = ModelStore(self.ctx, model_dir)
         self.wakeups = Wakeups(self.ctx)
+        self.sessions = Sessions(self.ctx)
 
     async def start(self) -> None:
         """Load the scripts (bounded retries); raises BrokerUnavailable if Redis is down."""

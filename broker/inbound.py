@@ -30,28 +30,28 @@ class Inbound:
         kind: str,
         client_id: str,
         correlation_id: str,
-        result_field: str,
-        result_value: str,
+        result: dict,
         fields: dict,
         name: str = "",
-    ) -> str:
-        """Append a task result and keep the first one on the task record it answers."""
+        require_model: str | None = None,
+    ) -> bool:
+        """Append a task result; keep the first one on the task it answers (for an update,
+        only if the model ``require_model`` was uploaded and verified). Returns whether it
+        was kept."""
         keys = self._ctx.keys
-        entry = {"client_id": client_id, "received_at": now_str(), **fields}
-        args = [
-            self._ctx.settings.stream_maxlen,
-            client_id,
-            result_field,
-            result_value,
-            now_str(),
-        ]
-        for k, v in entry.items():
+        t = now_str()
+        args = [self._ctx.settings.stream_maxlen, client_id, t, len(result)]
+        for k, v in result.items():
+            args += [k, v]
+        for k, v in {"client_id": client_id, "received_at": t, **fields}.items():
             args += [k, v]
         script_keys = [keys.inbound(kind), keys.task(client_id, correlation_id)]
+        if require_model is not None:
+            script_keys.append(keys.model(require_model))
 
         def build(pipe):
             self._ctx.scripts.call(pipe, "ingest_result", script_keys, args)
             self._presence.touch_commands(pipe, client_id, name)
-            return lambda replies: replies[0]
+            return lambda replies: bool(replies[0][1])
 
         return await self._ctx.batcher.submit(build)

@@ -27,6 +27,17 @@ P:model:M                          hash    model meta: state, size, sha256, stor
 P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)
 P:model:M:upload:U                 list    chunks of an upload in progress (expires)
 P:wake:C                           pubsub  wake-up for client C's TaskStream
+P:sessions                         zset    session id -> created (unix seconds)
+P:session:S                        hash    session: status, config, current round,
+                                           model_id, seed_model_id, error, driver
+P:session:S:lease                  string  worker id driving S (expires unless renewed)
+P:session:S:drivers                list    "worker time" each time a worker took S
+P:session:S:round:R                hash    round: status, model_in, model_out, clients,
+                                           deadline, updates, rejected, reason
+P:session:S:round:R:tasks          hash    training correlation id -> client id
+P:session:S:round:R:validations    hash    validation correlation id -> client id
+P:session:S:rec:KIND               hash    stream entry id -> record (metrics, ...)
+P:{c:C}:rec:KIND                   list    the client's latest records (capped)
 =================================  ======  ===========================================
 """
 
@@ -120,6 +131,34 @@ class Keys:
 
     def wake(self, client_id: str) -> str:
         return f"{self.prefix}:wake:{encode_id(client_id)}"
+
+    # sessions and rounds
+    @property
+    def sessions(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{encode_id(session_id)}"
+
+    def session_lease(self, session_id: str) -> str:
+        return f"{self.session(session_id)}:lease"
+
+    def session_drivers(self, session_id: str) -> str:
+        return f"{self.session(session_id)}:drivers"
+
+    def round(self, session_id: str, round_id: str) -> str:
+        return f"{self.session(session_id)}:round:{encode_id(round_id)}"
+
+    def round_tasks(self, session_id: str, round_id: str, kind: str = "tasks") -> str:
+        if kind not in ("tasks", "validations"):
+            raise ValueError(kind)
+        return f"{self.round(session_id, round_id)}:{kind}"
+
+    def session_records(self, session_id: str, kind: str) -> str:
+        return f"{self.session(session_id)}:rec:{kind}"
+
+    def client_records(self, client_id: str, kind: str) -> str:
+        return f"{self.client_tag(client_id)}:rec:{kind}"
 
     def wake_pattern_client(self, channel: str) -> str:
         """The client id a wake channel belongs to."""

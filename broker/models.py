@@ -19,16 +19,21 @@ from broker.context import Context, now_str, text, text_map
 from broker.errors import Conflict, InvalidInput, NotFound, NotReady, TooLarge
 
 CHUNK = 1024 * 1024  # stored and served chunk size (the client sends 1 MiB chunks)
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,255}$")
+# 255: the longest file name (NAME_MAX) the disk store can create.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+
+
+def valid_model_id(model_id: str) -> bool:
+    return bool(_SAFE_ID.match(model_id)) and ".." not in model_id
 
 
 def check_model_id(model_id: str) -> None:
-    """A model id becomes a file name in the disk store: no separators, no '..', <= 256."""
+    """A model id becomes a file name in the disk store: no separators, no '..', <= 255."""
     if not model_id:
         raise InvalidInput("model id must not be empty")
-    if not _SAFE_ID.match(model_id) or ".." in model_id:
+    if not valid_model_id(model_id):
         raise InvalidInput(
-            "model id must be 1-256 characters of letters, digits, '.', '_' or '-', "
+            "model id must be 1-255 characters of letters, digits, '.', '_' or '-', "
             f"not start with '.', and not contain '..'; got {model_id[:80]!r}"
         )
 

@@ -105,3 +105,33 @@ class Presence:
     async def client(self, client_id: str) -> dict[str, str]:
         raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.client(client_id))
         return text_map(raw)
+
+    async def mark_offline(self) -> int:
+        """Flip the status of clients silent for longer than offline_after; returns how many."""
+        keys = self._ctx.keys
+        cutoff = now() - self._ctx.settings.offline_after
+
+        async def sweep():
+            stale = await self._ctx.redis.zrangebyscore(keys.clients, "-inf", cutoff)
+            if not stale:
+                return 0
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for c in stale:
+                pipe.hget(keys.client(text(c)), "status")
+            statuses = await pipe.execute()
+            flip = [text(c) for c, s in zip(stale, statuses, strict=True) if text(s) == "online"]
+            if flip:
+                pipe = self._ctx.redis.pipeline(transaction=False)
+                for c in flip:
+                    pipe.hset(keys.client(c), "status", "offline")
+                await pipe.execute()
+            return len(flip)
+
+        return await self._ctx.call(sweep)
+
+    async def clients(self) -> dict[str, float]:
+        """Every client ever seen (and not disconnected) -> last seen."""
+        got = await self._ctx.call(
+            self._ctx.redis.zrange, self._ctx.keys.clients, 0, -1, withscores=True
+        )
+        return {text(c): float(s) for c, s in got}

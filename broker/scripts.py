@@ -18,6 +18,7 @@ NAMES = (
     "model_begin",
     "model_commit",
     "model_abort",
+    "lease",
 )
 
 

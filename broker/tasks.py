@@ -206,3 +206,19 @@ class TaskQueues:
 
     async def queued(self, client_id: str) -> int:
         return await self._ctx.call(self._ctx.redis.llen, self._ctx.keys.queue(client_id))
+
+    async def records(self, tasks: dict[str, str]) -> dict[str, dict[str, str]]:
+        """Task records by correlation id, for a map correlation id -> client id."""
+        if not tasks:
+            return {}
+        items = list(tasks.items())
+        keys = self._ctx.keys
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for corr, client in items:
+                pipe.hgetall(keys.task(client, corr))
+            return await pipe.execute()
+
+        raw = await self._ctx.call(read)
+        return {corr: text_map(r) for (corr, _), r in zip(items, raw, strict=True)}

@@ -88,7 +88,10 @@ async def open_broker(kw, **extra) -> tuple[Broker, EmbeddedRedis | None]:
     if not url:
         embedded = EmbeddedRedis(kw["state_dir"])
         url = await asyncio.to_thread(embedded.start)
-    broker = await connect(url, settings=Settings(prefix=kw["prefix"]), **extra)
+    settings = Settings(prefix=kw["prefix"])
+    if kw.get("offline_after_setting"):
+        settings.offline_after = kw["offline_after_setting"]
+    broker = await connect(url, settings=settings, **extra)
     return broker, embedded
 
 
@@ -310,3 +313,222 @@ async def task_show(**kw) -> None:
             value = json.dumps(value)
         table.add_row(key, "" if value is None else str(value))
     Console().print(table)
+
+
+@main.command()
+@redis_options
+@model_store_options
+@option("--worker-id", default="", help="Name of this worker (default: host-pid-random).")
+@option(
+    "--lease-ttl",
+    default=10.0,
+    type=click.FloatRange(0.5),
+    help="Seconds a session lease lasts unless renewed; a dead worker's sessions are "
+    "taken over after this.",
+)
+@option(
+    "--offline-after",
+    default=30.0,
+    type=click.FloatRange(0.5),
+    help="A client is offline after this many seconds without any RPC.",
+)
+@option(
+    "--poll-every",
+    default=0.5,
+    type=click.FloatRange(0.05),
+    help="Seconds between the coordinator's looks at a round's progress.",
+)
+@run_async
+async def worker(**kw) -> None:
+    """Run one worker: session coordinator with FedAvg, records, liveness (safe to run several)."""
+    from workers.runner import run_worker
+
+    kw["offline_after_setting"] = kw.pop("offline_after")
+    broker, embedded = await open_broker(kw, model_dir=resolve_model_dir(kw))
+    try:
+        await run_worker(
+            broker,
+            worker_id=kw["worker_id"],
+            lease_ttl=kw["lease_ttl"],
+            poll_every=kw["poll_every"],
+        )
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+@main.group()
+def session() -> None:
+    """Run federated training sessions and inspect them."""
+
+
+@session.command("start")
+@redis_options
+@model_store_options
+@option(
+    "--seed-model",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The initial global model: an npz with arrays named 0..n-1.",
+)
+@option("--rounds", required=True, type=click.IntRange(1), help="Number of rounds.")
+@option("--min-clients", default=1, type=click.IntRange(1), help="Clients needed to start a round.")
+@option("--max-clients", default=100, type=click.IntRange(1), help="Most clients in a round.")
+@option(
+    "--round-timeout",
+    default=180.0,
+    type=click.FloatRange(0.1),
+    help="Seconds a round waits for updates (and, after it, for validations).",
+)
+@option(
+    "--client-wait",
+    default=None,
+    type=click.FloatRange(0),
+    help="Seconds a round waits for --min-clients to be online (default: --round-timeout).",
+)
+@option(
+    "--validate/--no-validate",
+    default=True,
+    help="Validate each round's new model on the round's clients.",
+)
+@option("--wait", is_flag=True, default=False, help="Wait until the session ends.")
+@option("--json", "as_json", is_flag=True, default=False, help="Print JSON (with --wait).")
+@run_async
+async def session_start(**kw) -> None:
+    """Queue a training session (a worker drives it); print its id, or its record with --wait."""
+    from workers.fedavg import BadUpdate, load_npz
+
+    if kw["max_clients"] < kw["min_clients"]:
+        raise click.BadParameter("--max-clients must be >= --min-clients")
+    data = await asyncio.to_thread(pathlib.Path(kw["seed_model"]).read_bytes)
+    try:
+        load_npz(data)
+    except BadUpdate as exc:
+        raise click.BadParameter(f"--seed-model: {exc}") from exc
+    broker, _ = await open_broker(kw, model_dir=resolve_model_dir(kw))
+    try:
+        seed_id = await broker.models.put(data)
+        config = {
+            "rounds": kw["rounds"],
+            "min_clients": kw["min_clients"],
+            "max_clients": kw["max_clients"],
+            "round_timeout": kw["round_timeout"],
+            "client_wait": kw["client_wait"],
+            "validate": kw["validate"],
+        }
+        session_id = await broker.sessions.create(config, seed_id)
+        if not kw["wait"]:
+            click.echo(session_id)
+            return
+        click.echo(f"session {session_id} queued; waiting for a worker", err=True)
+        view = await wait_for_session(broker, session_id, quiet=kw["as_json"])
+    finally:
+        await broker.close()
+    print_session(view, kw["as_json"])
+    if view["status"] != "completed":
+        sys.exit(1)
+
+
+async def wait_for_session(broker: Broker, session_id: str, quiet: bool) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from combiner.views import session_view
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        disable=quiet or not sys.stderr.isatty(),
+        console=None,
+    ) as progress:
+        view = await session_view(broker, session_id)
+        bar = progress.add_task(f"session {session_id[:8]}", total=view["config"]["rounds"])
+        while view["status"] in ("queued", "running"):
+            await asyncio.sleep(0.5)
+            view = await session_view(broker, session_id)
+            done = sum(1 for r in view["rounds"] if r["status"] == "done")
+            progress.update(bar, completed=done)
+    return view
+
+
+def print_session(view: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"session [bold]{view['session_id']}[/]: {view['status']}"
+        + (f" ({view['error']})" if view["error"] else "")
+        + f"\nglobal model: {view['model_id']}"
+    )
+    table = Table("round", "status", "clients", "updates", "validations", "model")
+    for r in view["rounds"]:
+        table.add_row(
+            r["round_id"],
+            r["status"] + (f": {r['reason']}" if r["reason"] else ""),
+            str(len(r["clients"])),
+            str(r["updates"]),
+            str(r["validations"]),
+            r["model_id"],
+        )
+    console.print(table)
+
+
+@session.command("show")
+@redis_options
+@click.argument("session_id")
+@option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
+@run_async
+async def session_show(**kw) -> None:
+    """Rounds, participants, updates, model ids and validations of a session."""
+    from combiner.views import session_view
+
+    broker, _ = await open_broker(kw)
+    try:
+        view = await session_view(broker, kw["session_id"])
+    finally:
+        await broker.close()
+    print_session(view, kw["as_json"])
+
+
+@main.command()
+@redis_options
+@option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
+@run_async
+async def status(**kw) -> None:
+    """Replicas, clients online, stream lengths and consumer lag, current session."""
+    from combiner.views import status_view
+
+    broker, _ = await open_broker(kw)
+    try:
+        view = await status_view(broker)
+    finally:
+        await broker.close()
+    if kw["as_json"]:
+        click.echo(json.dumps(view, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table("replica", "address", "streams")
+    for r in view["replicas"]:
+        table.add_row(r["id"], r["address"], str(r["streams"]))
+    console.print(table)
+    clients = view["clients"]
+    console.print(f"clients: {len(clients['online'])} online, {len(clients['offline'])} offline")
+    table = Table("stream", "length", "pending", "lag")
+    for kind, info in view["streams"].items():
+        table.add_row(kind, str(info["length"]), str(info["pending"]), str(info["lag"]))
+    console.print(table)
+    cur = view["current_session"]
+    console.print(
+        f"current session: {cur['session_id']} round {cur['round']}/{cur['rounds']} "
+        f"({cur['status']})"
+        if cur
+        else "no session running"
+    )

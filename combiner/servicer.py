@@ -74,12 +74,11 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     @unary
     async def SendModelUpdate(self, request: pb.ModelUpdate, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
-        await self.broker.inbound.add_result(
+        kept = await self.broker.inbound.add_result(
             "updates",
             client_id,
             request.correlation_id,
-            "model_update_id",
-            request.model_update_id,
+            {"model_update_id": request.model_update_id, "result_meta": request.meta},
             {
                 "correlation_id": request.correlation_id,
                 "model_id": request.model_id,
@@ -91,7 +90,14 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
                 "timestamp": timestamp(request.timestamp),
             },
             name,
+            require_model=request.model_update_id,
         )
+        if not kept:
+            log.info(
+                "update %s from %s not counted (unknown, duplicate or not uploaded)",
+                request.correlation_id,
+                client_id,
+            )
         return pb.Response(response="Model update received.")
 
     async def _result(self, kind: str, request, context) -> pb.Response:
@@ -100,8 +106,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             kind,
             client_id,
             request.correlation_id,
-            "result",
-            request.data,
+            {"result": request.data},
             {
                 "correlation_id": request.correlation_id,
                 "model_id": request.model_id,

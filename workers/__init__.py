@@ -1,0 +1,1 @@
+"""Stream consumers: the session/round coordinator with FedAvg, records, liveness."""

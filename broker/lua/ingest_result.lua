@@ -1,20 +1,24 @@
 -- A task result (model update, validation, prediction): append it to its inbound stream
--- and, if the task exists and belongs to the sender, keep the first result on the task.
--- KEYS: 1 inbound stream, 2 task hash
--- ARGV: 1 maxlen, 2 client id, 3 result field name, 4 result value, 5 now,
---       6.. stream field/value pairs
--- Returns the stream entry id.
+-- and, if the task exists and belongs to the sender, keep the FIRST result on the task.
+-- For a model update, KEYS[3] names the uploaded model's meta: the update only counts
+-- when that model was uploaded and verified (state 'ok').
+-- KEYS: 1 inbound stream, 2 task hash, [3 model meta hash]
+-- ARGV: 1 maxlen, 2 client id, 3 now, 4 number of result field/value pairs (n),
+--       5 .. 4+2n result pairs, then stream field/value pairs
+-- Returns {stream entry id, 1 if the result was kept on the task else 0}.
+local n = tonumber(ARGV[4])
+local first_stream = 5 + 2 * n
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = first_stream, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
-if redis.call('HGET', KEYS[2], 'client_id') == ARGV[2] then
-  if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
-    redis.call('HSET', KEYS[2], 'result_at', ARGV[5])
-    -- A streamed task has no ActivityReport: its result is its completion.
-    if redis.call('HGET', KEYS[2], 'via') == 'stream'
-       and redis.call('HGET', KEYS[2], 'state') == 'delivered' then
-      redis.call('HSET', KEYS[2], 'state', 'completed', 'finished_at', ARGV[5])
-    end
-  end
+if redis.call('HGET', KEYS[2], 'client_id') ~= ARGV[2] then return {id, 0} end
+if redis.call('HEXISTS', KEYS[2], 'result_at') == 1 then return {id, 0} end
+if KEYS[3] and redis.call('HGET', KEYS[3], 'state') ~= 'ok' then return {id, 0} end
+for i = 5, first_stream - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], 'result_at', ARGV[3], 'result_entry', id)
+-- A streamed task has no ActivityReport: its result is its completion.
+if redis.call('HGET', KEYS[2], 'via') == 'stream'
+   and redis.call('HGET', KEYS[2], 'state') == 'delivered' then
+  redis.call('HSET', KEYS[2], 'state', 'completed', 'finished_at', ARGV[3])
 end
-return id
+return {id, 1}

@@ -1,0 +1,205 @@
+"""Sessions and rounds of federated training, and the lease that lets one worker drive a
+session at a time. Workers keep all their progress here, so a worker that takes over a
+session (after its driver died) resumes exactly where the last one stopped."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from broker.context import Context, now_str, text, text_map
+from broker.errors import InvalidInput
+
+ACTIVE = ("queued", "running")
+
+
+class Sessions:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def create(self, config: dict, seed_model_id: str, session_id: str = "") -> str:
+        session_id = session_id or str(uuid.uuid4())
+        keys = self._ctx.keys
+        record = {
+            "id": session_id,
+            "status": "queued",
+            "config": json.dumps(config),
+            "seed_model_id": seed_model_id,
+            "model_id": seed_model_id,
+            "current_round": "1",
+            "created_at": now_str(),
+        }
+
+        async def write():
+            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe.hsetnx(keys.session(session_id), "id", session_id)
+            pipe.hset(keys.session(session_id), mapping=record)
+            pipe.zadd(keys.sessions, {session_id: time.time()})
+            created, *_ = await pipe.execute()
+            return created
+
+        if not await self._ctx.call(write):
+            raise InvalidInput(f"session {session_id!r} already exists")
+        return session_id
+
+    async def get(self, session_id: str) -> dict:
+        raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.session(session_id))
+        record = text_map(raw)
+        if record.get("config"):
+            record["config"] = json.loads(record["config"])
+        return record
+
+    async def update(self, session_id: str, **fields) -> None:
+        await self._ctx.call(
+            self._ctx.redis.hset,
+            self._ctx.keys.session(session_id),
+            mapping={k: str(v) for k, v in fields.items()},
+        )
+
+    async def all(self) -> list[str]:
+        ids = await self._ctx.call(self._ctx.redis.zrange, self._ctx.keys.sessions, 0, -1)
+        return [text(i) for i in ids]
+
+    async def active(self) -> list[str]:
+        """Sessions still to be driven, oldest first."""
+        ids = await self.all()
+        if not ids:
+            return []
+
+        async def statuses():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for sid in ids:
+                pipe.hget(self._ctx.keys.session(sid), "status")
+            return await pipe.execute()
+
+        return [s for s, st in zip(ids, await self._ctx.call(statuses), strict=True)
+                if text(st) in ACTIVE]  # fmt: skip
+
+    # --- the lease -----------------------------------------------------------------------
+
+    async def lease(self, session_id: str, owner: str, op: str, ttl: float) -> bool:
+        keys = self._ctx.keys
+        got = await self._ctx.call(
+            self._ctx.scripts.call,
+            self._ctx.redis,
+            "lease",
+            [keys.session_lease(session_id)],
+            [op, owner, int(ttl * 1000)],
+        )
+        return bool(got)
+
+    async def log_driver(self, session_id: str, owner: str) -> None:
+        await self._ctx.call(
+            self._ctx.redis.rpush,
+            self._ctx.keys.session_drivers(session_id),
+            f"{owner} {now_str()}",
+        )
+
+    async def drivers(self, session_id: str) -> list[str]:
+        got = await self._ctx.call(
+            self._ctx.redis.lrange, self._ctx.keys.session_drivers(session_id), 0, -1
+        )
+        return [text(g) for g in got]
+
+    async def holder(self, session_id: str) -> str:
+        return text(
+            await self._ctx.call(self._ctx.redis.get, self._ctx.keys.session_lease(session_id))
+        )
+
+    # --- rounds --------------------------------------------------------------------------
+
+    async def round(self, session_id: str, round_id: str) -> dict[str, str]:
+        raw = await self._ctx.call(
+            self._ctx.redis.hgetall, self._ctx.keys.round(session_id, round_id)
+        )
+        return text_map(raw)
+
+    async def update_round(self, session_id: str, round_id: str, **fields) -> None:
+        await self._ctx.call(
+            self._ctx.redis.hset,
+            self._ctx.keys.round(session_id, round_id),
+            mapping={k: str(v) for k, v in fields.items()},
+        )
+
+    async def set_round_once(self, session_id: str, round_id: str, field: str, value) -> str:
+        """Set a round field unless set already; returns the value now stored."""
+        key = self._ctx.keys.round(session_id, round_id)
+
+        async def once():
+            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe.hsetnx(key, field, str(value))
+            pipe.hget(key, field)
+            _, stored = await pipe.execute()
+            return text(stored)
+
+        return await self._ctx.call(once)
+
+    async def add_round_tasks(
+        self, session_id: str, round_id: str, kind: str, tasks: dict[str, str]
+    ) -> None:
+        if tasks:
+            await self._ctx.call(
+                self._ctx.redis.hset,
+                self._ctx.keys.round_tasks(session_id, round_id, kind),
+                mapping=tasks,
+            )
+
+    async def round_tasks(self, session_id: str, round_id: str, kind: str) -> dict[str, str]:
+        raw = await self._ctx.call(
+            self._ctx.redis.hgetall, self._ctx.keys.round_tasks(session_id, round_id, kind)
+        )
+        return text_map(raw)
+
+    async def expire_session(self, session_id: str, rounds: int, ttl: int) -> None:
+        """Per-round keys expire once the session is over (records are kept as long)."""
+        keys = self._ctx.keys
+
+        async def expire():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for r in range(1, rounds + 1):
+                rid = str(r)
+                for key in (
+                    keys.round(session_id, rid),
+                    keys.round_tasks(session_id, rid, "tasks"),
+                    keys.round_tasks(session_id, rid, "validations"),
+                ):
+                    pipe.expire(key, ttl)
+            await pipe.execute()
+
+        await self._ctx.call(expire)
+
+    # --- records -------------------------------------------------------------------------
+
+    async def records(self, session_id: str, kind: str) -> list[dict]:
+        raw = await self._ctx.call(
+            self._ctx.redis.hgetall, self._ctx.keys.session_records(session_id, kind)
+        )
+        out = [json.loads(v) for _, v in sorted(raw.items())]
+        return out
+
+    async def add_records(self, items: list[tuple[str, str, str, str, dict]], ttl: int) -> None:
+        """Keep stream records: (session id, client id, kind, entry id, record). Keyed by
+        entry id, so a record processed twice (after a worker died) is stored once."""
+        if not items:
+            return
+        keys = self._ctx.keys
+
+        async def write():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for session_id, client_id, kind, entry_id, record in items:
+                doc = json.dumps(record)
+                if session_id:
+                    key = keys.session_records(session_id, kind)
+                    pipe.hset(key, entry_id, doc)
+                    pipe.expire(key, ttl)
+                if client_id:
+                    key = keys.client_records(client_id, kind)
+                    pipe.lpush(key, doc)
+                    pipe.ltrim(key, 0, 99)
+                    pipe.expire(key, ttl)
+            await pipe.execute()
+
+        await self._ctx.call(write)

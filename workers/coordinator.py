@@ -1,0 +1,332 @@
+"""The session coordinator: drives sessions round by round (protocol.md §8).
+
+One worker drives a session at a time, holding a lease in Redis that it renews; if it
+dies, the lease expires and another worker takes over. Every step writes its progress to
+the round record before moving on, and every step is idempotent (correlation ids are
+derived from session, round and client; the round's output model is set once), so the
+new driver resumes where the last one stopped and reaches the same result.
+
+A round: wait (bounded) for at least min_clients online clients; select up to
+max_clients; push one Fedn_ModelUpdate per client; collect until every task has settled
+(an update was kept, the task ended, or its client went offline) or the round times out;
+FedAvg the kept updates; store the new global model; then, if validating, push
+Fedn_Validation tasks for it and collect their results the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+
+from broker import Broker, BrokerError, BrokerUnavailable, Conflict
+from broker.tasks import FINAL_STATES
+from workers.fedavg import BadUpdate, StreamingMean, load_npz, save_npz
+
+log = logging.getLogger("workers.coordinator")
+
+_NS = uuid.UUID("6f1c2a57-3f0e-4c52-9a51-2c3f7d1b9e10")
+
+
+def correlation_id(session_id: str, round_id: str, kind: str, client_id: str) -> str:
+    """The same task gets the same id on every attempt to push it (resume after a crash)."""
+    return str(uuid.uuid5(_NS, f"{session_id}/{round_id}/{kind}/{client_id}"))
+
+
+class RoundFailed(Exception):
+    pass
+
+
+class LeaseLost(Exception):
+    pass
+
+
+DEFAULTS = {
+    "rounds": 1,
+    "min_clients": 1,
+    "max_clients": 100,
+    "round_timeout": 180.0,
+    "client_wait": None,  # seconds to wait for min_clients; default: round_timeout
+    "validate": True,
+    "client_settings": {},
+}
+
+
+class Coordinator:
+    def __init__(
+        self,
+        broker: Broker,
+        worker_id: str,
+        lease_ttl: float = 10.0,
+        poll_every: float = 0.5,
+    ) -> None:
+        self.broker = broker
+        self.worker_id = worker_id
+        self.lease_ttl = lease_ttl
+        self.poll_every = poll_every
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Look for sessions to drive until stop is set."""
+        while not stop.is_set():
+            try:
+                for session_id in await self.broker.sessions.active():
+                    if stop.is_set():
+                        break
+                    if await self.broker.sessions.lease(
+                        session_id, self.worker_id, "take", self.lease_ttl
+                    ):
+                        await self.drive_with_lease(session_id)
+            except BrokerError as exc:
+                log.warning("coordinator: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll_every * 2)
+
+    async def drive_with_lease(self, session_id: str) -> None:
+        sessions = self.broker.sessions
+        await sessions.log_driver(session_id, self.worker_id)
+        log.info("driving session %s", session_id)
+        drive = asyncio.create_task(self.drive(session_id))
+
+        async def renew():
+            while not drive.done():
+                await asyncio.sleep(self.lease_ttl / 3)
+                try:
+                    held = await sessions.lease(session_id, self.worker_id, "renew", self.lease_ttl)
+                except BrokerError:
+                    continue  # try again; the lease outlives a short Redis hiccup
+                if not held:
+                    log.error("lost the lease on session %s; stopping", session_id)
+                    drive.cancel()
+                    return
+
+        renewer = asyncio.create_task(renew())
+        try:
+            await drive
+        except asyncio.CancelledError:
+            if not renewer.done():
+                raise  # we are being stopped, not fenced off
+        except BrokerError as exc:
+            log.warning("session %s paused: %s", session_id, exc)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(BaseException):
+                await sessions.lease(session_id, self.worker_id, "release", self.lease_ttl)
+
+    # --- a session -------------------------------------------------------------------------
+
+    async def drive(self, session_id: str) -> None:
+        sessions = self.broker.sessions
+        record = await sessions.get(session_id)
+        if record.get("status") not in ("queued", "running"):
+            return
+        cfg = {**DEFAULTS, **record.get("config", {})}
+        if record["status"] == "queued":
+            await sessions.update(session_id, status="running", started_at=f"{time.time():.3f}")
+        model_id = record["model_id"]
+        r = int(record.get("current_round", "1"))
+        try:
+            while r <= int(cfg["rounds"]):
+                model_id = await self.run_round(session_id, str(r), model_id, cfg)
+                r += 1
+                await sessions.update(session_id, current_round=r, model_id=model_id)
+        except RoundFailed as exc:
+            log.error("session %s failed: %s", session_id, exc)
+            await sessions.update(
+                session_id, status="failed", error=str(exc), finished_at=f"{time.time():.3f}"
+            )
+        else:
+            log.info("session %s completed; final model %s", session_id, model_id)
+            await sessions.update(session_id, status="completed", finished_at=f"{time.time():.3f}")
+        await sessions.expire_session(session_id, int(cfg["rounds"]), self.broker.settings.task_ttl)
+
+    # --- a round ---------------------------------------------------------------------------
+
+    async def run_round(self, session_id: str, round_id: str, model_in: str, cfg: dict) -> str:
+        sessions = self.broker.sessions
+        rnd = await sessions.round(session_id, round_id)
+        if not rnd:
+            await sessions.update_round(
+                session_id,
+                round_id,
+                status="waiting",
+                model_in=model_in,
+                started_at=f"{time.time():.3f}",
+            )
+            rnd = await sessions.round(session_id, round_id)
+            log.info("session %s round %s: waiting for clients", session_id, round_id)
+        status = rnd["status"]
+        if status == "failed":
+            raise RoundFailed(f"round {round_id}: {rnd.get('reason', 'failed')}")
+        if status == "waiting":
+            await self._start_training(session_id, round_id, rnd, cfg)
+            status = "collecting"
+        if status == "collecting":
+            rnd = await sessions.round(session_id, round_id)
+            tasks = await sessions.round_tasks(session_id, round_id, "tasks")
+            await self.collect(tasks, float(rnd["deadline"]))
+            await sessions.update_round(session_id, round_id, status="aggregating")
+            status = "aggregating"
+        if status == "aggregating":
+            await self._aggregate(session_id, round_id, cfg)
+            status = "validating" if cfg["validate"] else "done"
+            await sessions.update_round(session_id, round_id, status=status)
+        if status == "validating":
+            await self._validate(session_id, round_id, cfg)
+            await sessions.update_round(
+                session_id, round_id, status="done", finished_at=f"{time.time():.3f}"
+            )
+        rnd = await sessions.round(session_id, round_id)
+        log.info("session %s round %s done: model %s", session_id, round_id, rnd["model_out"])
+        return rnd["model_out"]
+
+    async def _fail(self, session_id: str, round_id: str, reason: str) -> None:
+        await self.broker.sessions.update_round(
+            session_id, round_id, status="failed", reason=reason, finished_at=f"{time.time():.3f}"
+        )
+        raise RoundFailed(f"round {round_id}: {reason}")
+
+    async def _start_training(self, session_id: str, round_id: str, rnd: dict, cfg: dict):
+        sessions = self.broker.sessions
+        wait = cfg["client_wait"] if cfg["client_wait"] is not None else cfg["round_timeout"]
+        deadline = float(rnd["started_at"]) + float(wait)
+        min_clients = int(cfg["min_clients"])
+        while True:
+            online = await self.broker.presence.online()
+            if len(online) >= min_clients:
+                break
+            if time.time() >= deadline:
+                await self._fail(
+                    session_id,
+                    round_id,
+                    f"only {len(online)} of the {min_clients} required clients were online",
+                )
+            await asyncio.sleep(self.poll_every)
+        # The same sample on every attempt, so a resumed round picks the same clients.
+        picker = random.Random(f"{session_id}/{round_id}")
+        selected = sorted(picker.sample(online, min(int(cfg["max_clients"]), len(online))))
+        tasks = {correlation_id(session_id, round_id, "train", c): c for c in selected}
+        await sessions.update_round(session_id, round_id, clients=json.dumps(selected))
+        await sessions.add_round_tasks(session_id, round_id, "tasks", tasks)
+        model_in = rnd["model_in"]
+        data = json.dumps(
+            {
+                "client_settings": cfg["client_settings"],
+                "session_id": session_id,
+                "round_id": round_id,
+                "round_timeout": cfg["round_timeout"],
+                "task": "training",
+                "model_id": model_in,
+            }
+        )
+        await self._push(tasks, "Fedn_ModelUpdate", model_in, data, session_id, round_id)
+        await sessions.set_round_once(
+            session_id, round_id, "deadline", f"{time.time() + float(cfg['round_timeout']):.3f}"
+        )
+        await sessions.update_round(session_id, round_id, status="collecting")
+        log.info("session %s round %s: %d training tasks pushed", session_id, round_id, len(tasks))
+
+    async def _push(self, tasks, task_type, model_id, data, session_id, round_id) -> None:
+        for corr, client in tasks.items():
+            try:
+                await self.broker.tasks.push(
+                    client,
+                    task_type,
+                    model_id=model_id,
+                    data=data,
+                    session_id=session_id,
+                    round_id=round_id,
+                    correlation_id=corr,
+                )
+            except Conflict:
+                pass  # pushed by an earlier attempt at this round
+
+    async def collect(self, tasks: dict[str, str], deadline: float) -> None:
+        """Wait until each task has settled; time out the rest at the deadline."""
+        queues = self.broker.tasks
+        while True:
+            records = await queues.records(tasks)
+            online = set(await self.broker.presence.online())
+            open_ = []
+            for corr, rec in records.items():
+                if rec.get("result_at") or rec.get("state") in FINAL_STATES:
+                    continue
+                if rec.get("flag") == "timeout":
+                    continue
+                if tasks[corr] not in online or not rec:
+                    await queues.flag(corr, "timeout")  # its client is gone
+                    continue
+                open_.append(corr)
+            if not open_:
+                return
+            if time.time() >= deadline:
+                for corr in open_:
+                    await queues.flag(corr, "timeout")
+                return
+            await asyncio.sleep(self.poll_every)
+
+    async def _aggregate(self, session_id: str, round_id: str, cfg: dict) -> None:
+        sessions, models = self.broker.sessions, self.broker.models
+        tasks = await sessions.round_tasks(session_id, round_id, "tasks")
+        records = await self.broker.tasks.records(tasks)
+        kept = sorted(
+            (tasks[corr], rec) for corr, rec in records.items() if rec.get("model_update_id")
+        )
+        mean = StreamingMean()
+        used, rejected = [], {}
+        for client, rec in kept:
+            try:
+                meta = json.loads(rec.get("result_meta") or "{}")
+                weight = float(meta["training_metadata"]["num_examples"])
+            except (ValueError, KeyError, TypeError):
+                rejected[client] = "missing or invalid meta.training_metadata.num_examples"
+                continue
+            try:
+                data = await models.get(rec["model_update_id"])
+                arrays = await asyncio.to_thread(load_npz, data)
+                del data
+                await asyncio.to_thread(mean.add, arrays, weight)
+            except BrokerUnavailable:
+                raise  # pause the session; the next attempt redoes this aggregation
+            except (BadUpdate, BrokerError) as exc:  # e.g. the update's model is gone
+                rejected[client] = str(exc)
+                continue
+            used.append(client)
+        if rejected:
+            log.warning("session %s round %s rejected: %s", session_id, round_id, rejected)
+        await sessions.update_round(
+            session_id, round_id, rejected=json.dumps(rejected), updates=len(used)
+        )
+        if not used:
+            await self._fail(session_id, round_id, "no model updates arrived")
+        blob = await asyncio.to_thread(save_npz, mean.result())
+        new_id = await models.put(blob)
+        stored = await sessions.set_round_once(session_id, round_id, "model_out", new_id)
+        if stored != new_id:  # an earlier attempt already published this round's model
+            await models.delete(new_id)
+        await sessions.update_round(
+            session_id,
+            round_id,
+            aggregated=json.dumps(used),
+            aggregated_at=f"{time.time():.3f}",
+        )
+
+    async def _validate(self, session_id: str, round_id: str, cfg: dict) -> None:
+        sessions = self.broker.sessions
+        rnd = await sessions.round(session_id, round_id)
+        online = set(await self.broker.presence.online())
+        clients = [c for c in json.loads(rnd.get("clients", "[]")) if c in online]
+        tasks = {correlation_id(session_id, round_id, "validate", c): c for c in clients}
+        await sessions.add_round_tasks(session_id, round_id, "validations", tasks)
+        await self._push(tasks, "Fedn_Validation", rnd["model_out"], "", session_id, round_id)
+        deadline = await sessions.set_round_once(
+            session_id,
+            round_id,
+            "validation_deadline",
+            f"{time.time() + float(cfg['round_timeout']):.3f}",
+        )
+        tasks = await sessions.round_tasks(session_id, round_id, "validations")
+        await self.collect(tasks, float(deadline))
