@@ -2,7 +2,7 @@
 
 Used when no ``--redis-url`` is given, so a new user needs no setup. Processes that share
 a state folder share its server: the first one starts it and writes its URL to
-``<state>/redis.url``; later ones find it answering there and reuse it. The server stops
+``<state>/redis/redis.url``; later ones find it answering there and reuse it. The server stops
 with the process that started it (AOF keeps the data for the next start).
 """
 
@@ -39,7 +39,7 @@ def _answers(url: str) -> bool:
 
 class EmbeddedRedis:
     def __init__(self, state_dir: str | os.PathLike, port: int | None = None) -> None:
-        self.state_dir = pathlib.Path(state_dir).resolve()
+        self.state_dir = pathlib.Path(state_dir).resolve() / "redis"
         self.port = port
         self.process: subprocess.Popen | None = None
         self.url = ""

@@ -532,3 +532,42 @@ async def status(**kw) -> None:
         if cur
         else "no session running"
     )
+
+
+@main.command()
+@option("--redis-url", default=None, help="Redis to use (default: an embedded redis-server).")
+@option(
+    "--state-dir",
+    default=".combiner",
+    type=click.Path(file_okay=False),
+    help="Folder for the embedded Redis, logs and the final model.",
+)
+@option("--clients", default=8, type=click.IntRange(1, 1000), help="Simulated clients.")
+@option("--replicas", default=2, type=click.IntRange(1, 16), help="Front-end replicas.")
+@option("--rounds", default=5, type=click.IntRange(1), help="FedAvg rounds.")
+@option("--round-timeout", default=60.0, type=click.FloatRange(1), help="Seconds per round.")
+@option(
+    "--restart/--no-restart",
+    default=True,
+    help="Restart one replica half-way through (with more than one replica).",
+)
+@option("--json", "as_json", is_flag=True, default=False, help="Also print the summary as JSON.")
+def demo(**kw) -> None:
+    """The whole system on one machine: Redis, replicas, a worker and simulated clients
+    training a small model together with FedAvg."""
+    from rich.console import Console
+
+    from combiner.demo import run_demo
+
+    logs.setup("warning")
+    as_json = kw.pop("as_json")
+    console = Console(stderr=as_json)  # keep stdout for the JSON
+    try:
+        summary = asyncio.run(run_demo(console, **kw))
+    except KeyboardInterrupt:
+        console.print("interrupted; everything the demo started is stopped")
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    if summary["session"]["status"] != "completed":
+        sys.exit(1)

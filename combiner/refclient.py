@@ -71,6 +71,7 @@ class ReferenceClient:
         predict: Callable[[list], dict] | None = None,
         custom: dict[str, Callable[[dict], dict]] | None = None,
         max_backoff: float = 2.0,
+        round_robin: bool = False,
     ) -> None:
         if mode not in ("poll", "stream"):
             raise ValueError("mode must be 'poll' or 'stream'")
@@ -85,6 +86,7 @@ class ReferenceClient:
         self.predict = predict or (lambda arrays: {"prediction": 0})
         self.custom = custom or {}
         self.max_backoff = max_backoff
+        self.round_robin = round_robin  # spread calls over every address in the target
         self.counters = Counters()
         self.metadata = (
             ("client", client_id),
@@ -117,6 +119,8 @@ class ReferenceClient:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ]
+        if self.round_robin:
+            options.append(("grpc.lb_policy_name", "round_robin"))
         async with grpc.aio.insecure_channel(self.target, options=options) as channel:
             self._channel = channel
             self.stub = pb_grpc.CombinerClientStub(channel)
