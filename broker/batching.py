@@ -64,10 +64,10 @@ class Batcher:
 
     async def _run(self, batch: list[tuple[Build, asyncio.Future]]) -> None:
         try:
-            leftovers = await self._policy.run(self._execute, batch)
+            leftovers = await self._policy.run(self._execute, self._build(batch))
             if leftovers:  # NOSCRIPT: Redis lost its script cache; load and run those again
                 await self._policy.run(self._scripts.load, self._redis)
-                leftovers = await self._policy.run(self._execute, leftovers)
+                leftovers = await self._policy.run(self._execute, self._build(leftovers))
             for _, fut in leftovers:
                 if not fut.done():
                     fut.set_exception(RuntimeError("lua scripts missing after reload"))
@@ -78,7 +78,10 @@ class Batcher:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _execute(self, batch):
+    def _build(self, batch):
+        """Queue each caller's commands once. A retry after a connection error re-sends
+        them rather than building again: builds have side effects (the presence throttle
+        remembers a queued write, so a second build would silently drop it)."""
         pipe = self._redis.pipeline(transaction=True)
         spans = []
         for build, fut in batch:
@@ -92,8 +95,15 @@ class Batcher:
                 fut.set_exception(exc)
                 continue
             spans.append((build, fut, start, len(pipe.command_stack), parse))
+        return list(pipe.command_stack), spans
+
+    async def _execute(self, built):
+        commands, spans = built
         if not spans:
             return []
+        pipe = self._redis.pipeline(transaction=True)
+        # redis-py may pop per-command options while parsing: each attempt gets copies
+        pipe.command_stack.extend((args, dict(options)) for args, options in commands)
         self.round_trips += 1
         try:
             results = await pipe.execute(raise_on_error=False)

@@ -59,7 +59,7 @@ INBOUND_KINDS = (
     "presence",
 )
 
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
 
 
 def encode_id(value: str) -> str:

@@ -20,7 +20,7 @@ from broker.errors import Conflict, InvalidInput, NotFound, NotReady, TooLarge
 
 CHUNK = 1024 * 1024  # stored and served chunk size (the client sends 1 MiB chunks)
 # 255: the longest file name (NAME_MAX) the disk store can create.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")  # \Z: not "$" (trailing newline)
 
 
 def valid_model_id(model_id: str) -> bool:
@@ -56,7 +56,7 @@ class Upload:
     async def begin(self) -> None:
         ctx = self.store.ctx
         await ctx.call(
-            ctx.scripts.call,
+            ctx.scripts.run,
             ctx.redis,
             "model_begin",
             [ctx.keys.model(self.model_id)],
@@ -118,7 +118,7 @@ class Upload:
         keys = ctx.keys
         result = text(
             await ctx.call(
-                ctx.scripts.call,
+                ctx.scripts.run,
                 ctx.redis,
                 "model_commit",
                 [
@@ -149,7 +149,7 @@ class Upload:
         if self._file is not None:
             await asyncio.to_thread(self._close_file, False)
         await ctx.call(
-            ctx.scripts.call,
+            ctx.scripts.run,
             ctx.redis,
             "model_abort",
             [ctx.keys.model(self.model_id), ctx.keys.model_upload(self.model_id, self.upload_id)],

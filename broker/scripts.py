@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
+import redis.exceptions as rex
+
 NAMES = (
     "poll",
     "stream_take",
@@ -39,5 +41,13 @@ class Scripts:
         await pipe.execute()
 
     def call(self, pipe, name: str, keys: list, args: list) -> None:
-        """Queue one EVALSHA on a pipeline (or run it on a client)."""
+        """Queue one EVALSHA on a pipeline (the Batcher reloads on NOSCRIPT)."""
         return pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    async def run(self, redis, name: str, keys: list, args: list):
+        """Run one script directly, loading it first if Redis lost its script cache."""
+        try:
+            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+        except rex.NoScriptError:
+            await redis.script_load(self.source[name])
+            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)

@@ -83,7 +83,7 @@ class Sessions:
     async def lease(self, session_id: str, owner: str, op: str, ttl: float) -> bool:
         keys = self._ctx.keys
         got = await self._ctx.call(
-            self._ctx.scripts.call,
+            self._ctx.scripts.run,
             self._ctx.redis,
             "lease",
             [keys.session_lease(session_id)],

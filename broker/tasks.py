@@ -167,12 +167,16 @@ class TaskQueues:
         keys = self._ctx.keys
         script_keys = [keys.client(client_id), keys.queue(client_id), keys.clients]
         args = [now_str(), client_id, self._replica, keys.task_prefix(client_id), limit]
-        flat = await self._ctx.batcher.submit(
-            lambda pipe: self._ctx.scripts.call(pipe, "stream_take", script_keys, args)
-        )
-        flat = flat[0]
         n = len(WIRE_FIELDS)
-        return [_task_from(flat[i : i + n], client_id) for i in range(0, len(flat), n)]
+        tasks: list[Task] = []
+        while True:  # one script call takes at most `limit`; a full batch means maybe more
+            flat = await self._ctx.batcher.submit(
+                lambda pipe: self._ctx.scripts.call(pipe, "stream_take", script_keys, args)
+            )
+            flat = flat[0]
+            tasks += [_task_from(flat[i : i + n], client_id) for i in range(0, len(flat), n)]
+            if len(flat) < n * limit:
+                return tasks
 
     async def flag(self, correlation_id: str, flag: str) -> str:
         """Abort ('abort') or time out ('timeout') a task; returns its previous state."""
@@ -185,7 +189,7 @@ class TaskQueues:
         script_keys = [keys.task(client_id, correlation_id), keys.queue(client_id)]
         args = [flag, now_str(), encode_id(correlation_id)]
         out = await self._ctx.call(
-            self._ctx.scripts.call, self._ctx.redis, "flag", script_keys, args
+            self._ctx.scripts.run, self._ctx.redis, "flag", script_keys, args
         )
         return text(out)
 

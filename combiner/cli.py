@@ -140,6 +140,13 @@ def main() -> None:
     help="On SIGTERM, seconds in-flight calls may take to finish.",
 )
 @option(
+    "--drain-delay",
+    default=2.0,
+    type=click.FloatRange(0),
+    help="On SIGTERM, seconds to keep serving after reporting NOT_SERVING, so the load "
+    "balancer's health checks move traffic away first.",
+)
+@option(
     "--stream-keepalive",
     default=15.0,
     type=click.FloatRange(0.1),
@@ -158,6 +165,7 @@ async def serve(**kw) -> None:
         port=kw["port"],
         max_model_bytes=kw["max_model_bytes"],
         drain_timeout=kw["drain_timeout"],
+        drain_delay=kw["drain_delay"],
         stream_keepalive=kw["stream_keepalive"],
     )
     try:

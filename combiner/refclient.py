@@ -72,6 +72,7 @@ class ReferenceClient:
         custom: dict[str, Callable[[dict], dict]] | None = None,
         max_backoff: float = 2.0,
         round_robin: bool = False,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         if mode not in ("poll", "stream"):
             raise ValueError("mode must be 'poll' or 'stream'")
@@ -93,7 +94,7 @@ class ReferenceClient:
             ("client-id", client_id),
             ("name", self.name),
         )
-        self._channel: grpc.aio.Channel | None = None
+        self._channel = channel  # shared by many clients (load tests), else one per run()
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -121,17 +122,19 @@ class ReferenceClient:
         ]
         if self.round_robin:
             options.append(("grpc.lb_policy_name", "round_robin"))
-        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
-            self._channel = channel
-            self.stub = pb_grpc.CombinerClientStub(channel)
-            self.models = pb_grpc.ModelServiceStub(channel)
-            runner = self._poll_loop(stop) if self.mode == "poll" else self._stream_loop(stop)
-            try:
-                await runner
-            finally:
-                if self.mode == "poll":
-                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-                        await asyncio.wait_for(self._announce("Disconnect"), 2)
+        own = self._channel is None
+        channel = grpc.aio.insecure_channel(self.target, options=options) if own else self._channel
+        self.stub = pb_grpc.CombinerClientStub(channel)
+        self.models = pb_grpc.ModelServiceStub(channel)
+        runner = self._poll_loop(stop) if self.mode == "poll" else self._stream_loop(stop)
+        try:
+            await runner
+        finally:
+            if self.mode == "poll":
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                    await asyncio.wait_for(self._announce("Disconnect"), 2)
+            if own:
+                await channel.close()
 
     async def _announce(self, kind: str) -> pb.Response:
         params = json.dumps({"client-version": "1.0.0"}) if kind == "VersionCheck" else ""

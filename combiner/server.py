@@ -29,6 +29,7 @@ class ServeOptions:
     port: int = 12080
     max_model_bytes: int = 1 << 30
     drain_timeout: float = 10.0
+    drain_delay: float = 0.0  # keep serving this long after NOT_SERVING (let the LB notice)
     stream_keepalive: float = 15.0
     reuse_port: bool = False  # SO_REUSEPORT: only for several processes on one port
 
@@ -121,9 +122,13 @@ class Replica:
         await pipe.execute()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: report NOT_SERVING, end streams, let in-flight calls finish."""
+        """Drain: report NOT_SERVING and keep serving for drain_delay, so the load balancer
+        stops sending new calls here; then end the TaskStreams with a status the client
+        retries elsewhere, refuse new calls, and let in-flight calls finish (up to grace)."""
         grace = self.opts.drain_timeout if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if grace and self.opts.drain_delay:
+            await asyncio.sleep(self.opts.drain_delay)
         self.combiner.close_streams()
         if self._upkeep is not None:
             self._upkeep.cancel()
@@ -153,6 +158,8 @@ async def serve(broker: Broker, opts: ServeOptions, ready=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining (up to %.0fs)", opts.drain_timeout)
+    log.info(
+        "draining: NOT_SERVING for %.1fs, then up to %.0fs", opts.drain_delay, opts.drain_timeout
+    )
     await replica.stop()
     log.info("replica %s stopped", broker.replica_id)

@@ -65,8 +65,10 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         self._closing = asyncio.Event()
 
     def close_streams(self) -> None:
-        """End every open TaskStream (drain); each ends with OK, which the client treats
-        as the end of its run, so drain prefers letting the connection go."""
+        """End every open TaskStream (drain). Each ends with FAILED_PRECONDITION, which
+        the 1.0.0 client retries by opening a new stream (through the load balancer, on
+        another replica). Ending it with OK would end the client's run, and UNAVAILABLE
+        would kill it (protocol.md §3.2, §4.11)."""
         self._closing.set()
 
     # --- results (§4.6-§4.8) -------------------------------------------------------------
@@ -263,6 +265,9 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
                         continue
                     sent.add(task.correlation_id)
                     yield task_request(task)
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "replica is draining; open the stream again"
+            )
         finally:
             closing.cancel()
             broker.wakeups.unregister(client_id, event)

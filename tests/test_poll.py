@@ -121,3 +121,12 @@ async def test_empty_client_id_everywhere_is_invalid_argument(stubs, broker):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "client id" in err.value.details()
     assert await broker.presence.online() == []
+
+
+async def test_poll_survives_redis_losing_its_script_cache(stubs, broker):
+    """After a Redis restart without persistence EVALSHA answers NOSCRIPT: reload, retry."""
+    corr = await broker.tasks.push("c1", "Fedn_Validation", model_id="m")
+    await broker.redis.script_flush()
+    assert (await poll(stubs, status="")).correlation_id == corr
+    await broker.redis.script_flush()
+    assert await broker.tasks.flag(corr, "abort") == "delivered"
