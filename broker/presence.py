@@ -60,7 +60,7 @@ class Presence:
                 keys.client(client_id),
                 mapping={"id": client_id, "status": "offline", "disconnected_at": now_str()},
             )
-            pipe.zrem(keys.clients, client_id)
+            pipe.zadd(keys.clients, {client_id: 0})  # offline at once, still listed
             self._event_commands(pipe, client_id, "disconnect")
 
         await self._ctx.batcher.submit(build)

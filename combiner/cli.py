@@ -95,6 +95,14 @@ async def open_broker(kw, **extra) -> tuple[Broker, EmbeddedRedis | None]:
     return broker, embedded
 
 
+def start_metrics(port: int | None, broker: Broker) -> None:
+    if port:
+        from combiner import metrics
+
+        metrics.track_batcher(broker.batcher)
+        metrics.serve_metrics(port)
+
+
 def run_async(fn):
     """Run an async command body; broker errors become a clear CLI error, not a traceback."""
 
@@ -140,6 +148,12 @@ def main() -> None:
     help="On SIGTERM, seconds in-flight calls may take to finish.",
 )
 @option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off).",
+)
+@option(
     "--drain-delay",
     default=2.0,
     type=click.FloatRange(0),
@@ -160,6 +174,7 @@ async def serve(**kw) -> None:
 
     model_dir = resolve_model_dir(kw)
     broker, embedded = await open_broker(kw, replica_id=kw["replica_id"], model_dir=model_dir)
+    start_metrics(kw["metrics_port"], broker)
     opts = ServeOptions(
         host=kw["host"],
         port=kw["port"],
@@ -341,6 +356,12 @@ async def task_show(**kw) -> None:
     help="A client is offline after this many seconds without any RPC.",
 )
 @option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off).",
+)
+@option(
     "--poll-every",
     default=0.5,
     type=click.FloatRange(0.05),
@@ -353,6 +374,7 @@ async def worker(**kw) -> None:
 
     kw["offline_after_setting"] = kw.pop("offline_after")
     broker, embedded = await open_broker(kw, model_dir=resolve_model_dir(kw))
+    start_metrics(kw["metrics_port"], broker)
     try:
         await run_worker(
             broker,

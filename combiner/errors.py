@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import grpc
 
@@ -20,6 +21,7 @@ from broker.errors import (
     NotReady,
     TooLarge,
 )
+from combiner.metrics import RPC_SECONDS, RPCS
 
 log = logging.getLogger("combiner")
 
@@ -49,32 +51,53 @@ async def _abort(method: str, context, exc: Exception):
     await context.abort(code, message)
 
 
+def _record(method: str, context, started: float, failed: bool) -> None:
+    code = context.code() if hasattr(context, "code") else None
+    if code is None:  # no status set: finished normally, or cancelled by the client
+        name = "CANCELLED" if failed else "OK"
+    else:
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    RPCS.labels(method, name).inc()
+    RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+
+
 def unary(fn):
-    """Wrap a unary handler (or stream-in/unary-out) with the status mapping."""
+    """Wrap a unary handler (or stream-in/unary-out): status mapping and metrics."""
+    method = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        started, failed = time.perf_counter(), True
         try:
-            return await fn(self, request, context)
+            reply = await fn(self, request, context)
+            failed = False
+            return reply
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(fn.__name__, context, exc)
+            await _abort(method, context, exc)
+        finally:
+            _record(method, context, started, failed)
 
     return wrapper
 
 
 def streaming(fn):
-    """Wrap a server-streaming handler (an async generator) with the status mapping."""
+    """Wrap a server-streaming handler (an async generator): status mapping and metrics."""
+    method = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        started, failed = time.perf_counter(), True
         try:
             async for item in fn(self, request, context):
                 yield item
+            failed = False
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(fn.__name__, context, exc)
+            await _abort(method, context, exc)
+        finally:
+            _record(method, context, started, failed)
 
     return wrapper

@@ -17,6 +17,7 @@ from broker.codec import pack
 from broker.tasks import Task
 from combiner import __version__
 from combiner.errors import streaming, unary
+from combiner.metrics import OPEN_STREAMS
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
 
@@ -238,6 +239,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         broker = self.broker
         event = broker.wakeups.register(client_id)  # set at once: read the queue first
         self.open_streams[client_id] = self.open_streams.get(client_id, 0) + 1
+        OPEN_STREAMS.inc()
         await broker.presence.connect(client_id, name)
         await broker.presence.renew_streams([client_id], lease=3 * self.stream_keepalive)
         log.info("client %s opened a task stream", client_id)
@@ -270,6 +272,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             )
         finally:
             closing.cancel()
+            OPEN_STREAMS.dec()
             broker.wakeups.unregister(client_id, event)
             left = self.open_streams.get(client_id, 1) - 1
             if left:

@@ -26,6 +26,7 @@ import uuid
 from broker import Broker, BrokerError, BrokerUnavailable, Conflict
 from broker.tasks import FINAL_STATES
 from workers.fedavg import BadUpdate, StreamingMean, load_npz, save_npz
+from workers.metrics import ROUND_SECONDS, ROUNDS
 
 log = logging.getLogger("workers.coordinator")
 
@@ -87,6 +88,11 @@ class Coordinator:
 
     async def drive_with_lease(self, session_id: str) -> None:
         sessions = self.broker.sessions
+        # The list of active sessions may be stale: the session may have ended (and its
+        # lease been released) since. Then there is nothing to drive and no driver to log.
+        if (await sessions.get(session_id)).get("status") not in ("queued", "running"):
+            await sessions.lease(session_id, self.worker_id, "release", self.lease_ttl)
+            return
         await sessions.log_driver(session_id, self.worker_id)
         log.info("driving session %s", session_id)
         drive = asyncio.create_task(self.drive(session_id))
@@ -176,14 +182,19 @@ class Coordinator:
             await sessions.update_round(session_id, round_id, status=status)
         if status == "validating":
             await self._validate(session_id, round_id, cfg)
-            await sessions.update_round(
-                session_id, round_id, status="done", finished_at=f"{time.time():.3f}"
-            )
+            status = "done"
+            await sessions.update_round(session_id, round_id, status=status)
         rnd = await sessions.round(session_id, round_id)
+        if not rnd.get("finished_at"):
+            finished = time.time()
+            await sessions.update_round(session_id, round_id, finished_at=f"{finished:.3f}")
+            ROUNDS.labels("done").inc()
+            ROUND_SECONDS.observe(finished - float(rnd["started_at"]))
         log.info("session %s round %s done: model %s", session_id, round_id, rnd["model_out"])
         return rnd["model_out"]
 
     async def _fail(self, session_id: str, round_id: str, reason: str) -> None:
+        ROUNDS.labels("failed").inc()
         await self.broker.sessions.update_round(
             session_id, round_id, status="failed", reason=reason, finished_at=f"{time.time():.3f}"
         )

@@ -9,6 +9,7 @@ import time
 
 from broker import Broker, BrokerError
 from broker.consumers import StreamGroup
+from workers.metrics import RECORDS, STREAM_LAG, STREAM_PENDING
 
 log = logging.getLogger("workers.records")
 
@@ -34,13 +35,18 @@ class Records:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.broker.ctx.call(self.group.ensure)
-        last_claim = 0.0
+        last_claim = last_lag = 0.0
         while not stop.is_set():
             try:
                 entries = await self.group.read(block_ms=1000)
                 if time.monotonic() - last_claim > self.claim_after / 2:
                     entries += await self.group.claim(self.claim_after)
                     last_claim = time.monotonic()
+                if time.monotonic() - last_lag > 5:
+                    for kind, info in (await self.group.lag()).items():
+                        STREAM_LAG.labels(kind).set(info["lag"] or 0)
+                        STREAM_PENDING.labels(kind).set(info["pending"] or 0)
+                    last_lag = time.monotonic()
                 if entries:
                     await self.handle(entries)
             except BrokerError as exc:
@@ -61,3 +67,5 @@ class Records:
         await self.broker.sessions.add_records(items, self.broker.settings.task_ttl)
         await self.group.ack(entries)
         self.processed += len(entries)
+        for kind, _, _ in entries:
+            RECORDS.labels(kind).inc()
