@@ -18,7 +18,7 @@ from combiner import __version__, logs
 
 def option(*decls, **kwargs):
     """A click option that also reads COMBINER_<LONG_NAME> from the environment."""
-    long = next(d for d in decls if d.startswith("--"))
+    long = next(d for d in decls if d.startswith("--")).split("/")[0]
     kwargs.setdefault("envvar", "COMBINER_" + long[2:].replace("-", "_").upper())
     kwargs.setdefault("show_envvar", True)
     if "default" in kwargs and "show_default" not in kwargs:
