@@ -27,7 +27,9 @@ class Batcher:
         redis,
         scripts: Scripts,
         policy: RetryPolicy,
-        max_inflight: int = 4,
+        # One pipeline in flight: RPCs arriving meanwhile share the next one. Measured here,
+        # 1 gives more RPS and fewer round trips per RPC than 2 or 4.
+        max_inflight: int = 1,
         max_batch: int = 1000,
     ) -> None:
         self._redis = redis
@@ -111,6 +113,8 @@ class Batcher:
             await pipe.reset()
         retry_scripts = []
         for build, fut, start, end, parse in spans:
+            if fut.done():  # the caller went away (e.g. its RPC was cancelled) meanwhile
+                continue
             mine = results[start:end]
             if any(isinstance(r, rex.NoScriptError) for r in mine):
                 retry_scripts.append((build, fut))

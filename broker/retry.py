@@ -53,6 +53,10 @@ class RetryPolicy:
 
     async def run(self, fn, *args, **kwargs):
         """Await fn(*args) with retries; BrokerUnavailable once they are used up."""
+        try:  # the first attempt without tenacity's bookkeeping: this is the hot path
+            return await fn(*args, **kwargs)
+        except TRANSIENT as exc:
+            log.warning("redis trouble (%s), retrying", exc)
         try:
             async for attempt in self.retrying():
                 with attempt:
