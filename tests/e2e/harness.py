@@ -1,5 +1,6 @@
 """End-to-end harness: the real scaleout==1.0.0 client (its own venv, its own process)
-against one replica started with the real CLI (`combiner serve`), driven through the CLI.
+against replicas started with the real CLI (`combiner serve`, one or several), with
+`combiner worker` processes driving training sessions, all driven through the CLI.
 
 Every process is started and stopped by its PID; its output goes to a file under the
 test's tmp_path, and conftest.py attaches it to the report when the test fails.
@@ -7,6 +8,7 @@ test's tmp_path, and conftest.py attaches it to the report when the test fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -118,18 +120,34 @@ def create_client_venv(venv: Path) -> None:
 class Proc:
     """A child process started by us, stopped by its PID; output in a file."""
 
-    def __init__(self, name: str, args: list[str], cwd: Path, env: dict, log: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        cwd: Path,
+        env: dict,
+        log: Path,
+        stdout: Path | None = None,
+    ) -> None:
+        """Output (stdout and stderr) goes to log; with stdout given, stdout goes there and
+        only stderr to log (for commands whose stdout is a result, e.g. JSON)."""
         self.name = name
         self.args = args
         self.log_path = log
-        with open(log, "wb") as out:
+        self.stdout_path = stdout
+        self.killed = False  # SIGKILLed on purpose by the test: not expected to be alive
+        self.worker_id = ""  # for `combiner worker` processes
+        self._terminated = False
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(open(log, "wb"))
+            out = files.enter_context(open(stdout, "wb")) if stdout else err
             self.popen = subprocess.Popen(
                 args,
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=err if stdout else subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C on pytest does not reach it
             )
 
@@ -157,18 +175,39 @@ class Proc:
         state = "running" if rc is None else f"exited with rc {rc}"
         return f"{self.name} (pid {self.pid}, {state}); log:\n{self.read_log(tail)}"
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM by PID, then SIGKILL if it does not end in time; returns the exit code."""
+    def kill(self) -> int:
+        """SIGKILL by PID (a crash: no clean-up, no Disconnect); returns the exit code."""
+        self.killed = True
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        return self.popen.wait(10)
+
+    def terminate(self) -> None:
+        """SIGTERM by PID, once."""
+        if self.popen.poll() is None and not self._terminated:
+            self._terminated = True
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM by PID, then SIGKILL if it does not end in time; returns the exit code."""
+        self.terminate()
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
         return self.popen.returncode
+
+
+def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
+    """Stop several processes at once: SIGTERM to each, then wait for each."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.stop(timeout)
 
 
 def ensure_alive(*procs: Proc) -> None:
@@ -220,6 +259,12 @@ class Cli:
     def task_show(self, correlation_id: str) -> dict:
         return json.loads(self("task", "show", correlation_id, "--json"))
 
+    def session_show(self, session_id: str) -> dict:
+        return json.loads(self("session", "show", session_id, "--json"))
+
+    def status(self) -> dict:
+        return json.loads(self("status", "--json"))
+
 
 def save_npz(path: Path, arrays: list[np.ndarray]) -> Path:
     """A model as the client's numpy helper writes it: arrays named "0".."n-1" (§9)."""
@@ -243,10 +288,55 @@ class Client:
     delta: float
     num_examples: int
     mode: str
+    port: int
+
+
+class Session:
+    """`combiner session start ... --wait --json` running in the background: its stdout
+    (the session record as JSON) and its stderr (progress, logs) go to separate files."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+        self._id = ""
+
+    @property
+    def session_id(self) -> str:
+        """The id it prints on stderr ("session ID queued; ...") once the session exists."""
+        if not self._id:
+
+            def printed():
+                found = re.search(r"session (\S+) queued", self.proc.read_log())
+                if found:
+                    return found.group(1)
+                if not self.proc.alive():
+                    raise AssertionError(f"session start ended early:\n{self.proc.describe()}")
+                return None
+
+            self._id = wait_for(printed, 30, 0.05, "`session start` to print the session id")
+        return self._id
+
+    def result(self, timeout: float, check=None) -> dict:
+        """Wait for the command to end (calling check() meanwhile: it may raise) and return
+        the session record it printed."""
+
+        def ended():
+            if check is not None:
+                check()
+            return self.proc.popen.poll() is not None
+
+        wait_for(ended, timeout, 0.2, "`combiner session start --wait` to end")
+        out = self.proc.stdout_path.read_text()
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise AssertionError(
+                f"`session start --wait --json` printed no JSON:\n{out}\n{self.proc.describe()}"
+            ) from None
 
 
 class E2E:
-    """One replica (`combiner serve`), real clients, and the CLI, for one test."""
+    """Replicas (`combiner serve`), workers (`combiner worker`), real clients and the CLI,
+    for one test. start_server() may be called several times: one replica each."""
 
     def __init__(self, request, redis_url: str, prefix: str, tmp: Path, client_python: Path):
         self.request = request
@@ -255,38 +345,59 @@ class E2E:
         self.tmp = tmp
         self.client_python = client_python
         self.cli = Cli(redis_url, prefix, tmp)
-        self.server: Proc | None = None
-        self.port = 0
+        self.servers: list[Proc] = []
+        self.ports: list[int] = []
+        self.workers: list[Proc] = []
         self.clients: list[Client] = []
+        self.others: list[Proc] = []  # e.g. `session start --wait`
+
+    @property
+    def server(self) -> Proc | None:
+        """The first replica."""
+        return self.servers[0] if self.servers else None
+
+    @property
+    def port(self) -> int:
+        """The first replica's port."""
+        return self.ports[0] if self.ports else 0
 
     def _track(self, proc: Proc) -> Proc:
         self.request.node.stash.setdefault(PROCS, []).append(proc)
         return proc
 
     def start_server(self, timeout: float = 20.0) -> int:
+        """One more replica on a free port; returns its port once it answers SERVING."""
+        n = len(self.servers) + 1
         port = free_port()
         args = [
             *combiner_command(), "serve", "--host", HOST, "--port", str(port),
             "--redis-url", self.redis_url, "--prefix", self.prefix,
-            "--drain-timeout", "2", "--log-level", "info",
+            "--replica-id", f"e2e-r{n}-{self.prefix}",
+            "--drain-timeout", "2", "--drain-delay", "0", "--log-level", "info",
         ]  # fmt: skip
-        self.server = self._track(
-            Proc("combiner serve", args, self.tmp, clean_env(), self.tmp / "combiner.log")
-        )
+        log = self.tmp / ("combiner.log" if n == 1 else f"combiner-{n}.log")
+        server = self._track(Proc(f"combiner serve #{n}", args, self.tmp, clean_env(), log))
+        self.servers.append(server)
 
         def listening():
-            ensure_alive(self.server)
-            found = re.search(rf"listening on {re.escape(HOST)}:(\d+)", self.server.read_log())
+            ensure_alive(server)
+            found = re.search(rf"listening on {re.escape(HOST)}:(\d+)", server.read_log())
             return int(found.group(1)) if found else 0
 
-        self.port = wait_for(listening, timeout, 0.05, "`combiner serve` to print 'listening on'")
-        assert self.port == port, f"asked for port {port}, it listens on {self.port}"
-        wait_for(self._serving, timeout, 0.05, "the gRPC health check to answer SERVING")
-        return self.port
+        got = wait_for(listening, timeout, 0.05, f"`combiner serve` #{n} to print 'listening on'")
+        assert got == port, f"asked for port {port}, it listens on {got}"
+        self.ports.append(port)
+        wait_for(
+            lambda: self._serving(server, port),
+            timeout,
+            0.05,
+            f"the gRPC health check of replica #{n} to answer SERVING",
+        )
+        return port
 
-    def _serving(self) -> bool:
-        ensure_alive(self.server)
-        with grpc.insecure_channel(f"{HOST}:{self.port}") as channel:
+    def _serving(self, server: Proc, port: int) -> bool:
+        ensure_alive(server)
+        with grpc.insecure_channel(f"{HOST}:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 reply = stub.Check(
@@ -296,11 +407,60 @@ class E2E:
                 return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
+    def start_worker(
+        self,
+        *,
+        lease_ttl: float = 3.0,
+        offline_after: float = 5.0,
+        poll_every: float = 0.2,
+        timeout: float = 20.0,
+    ) -> Proc:
+        """One `combiner worker` process (short lease and liveness times, so takeover and
+        offline detection happen within a test); returns once it has started."""
+        n = len(self.workers) + 1
+        worker_id = f"e2e-w{n}-{uuid.uuid4().hex[:6]}"
+        args = [
+            *combiner_command(), "worker", "--worker-id", worker_id,
+            "--redis-url", self.redis_url, "--prefix", self.prefix,
+            "--lease-ttl", str(lease_ttl), "--offline-after", str(offline_after),
+            "--poll-every", str(poll_every), "--log-level", "info",
+        ]  # fmt: skip
+        log = self.tmp / f"worker-{n}.log"
+        proc = self._track(Proc(f"combiner worker {worker_id}", args, self.tmp, clean_env(), log))
+        proc.worker_id = worker_id
+        self.workers.append(proc)
+        self.wait_log(proc, f"worker {worker_id} started", timeout)
+        return proc
+
+    def start_session(self, seed: Path, *options: str) -> Session:
+        """`combiner session start --seed-model SEED OPTIONS --wait --json` in the background."""
+        n = len(self.others) + 1
+        args = [
+            *combiner_command(), "session", "start", "--seed-model", str(seed), *options,
+            "--wait", "--json", *self.cli.flags,
+        ]  # fmt: skip
+        log, out = self.tmp / f"session-{n}.log", self.tmp / f"session-{n}.json"
+        proc = self._track(Proc(f"session start #{n}", args, self.tmp, clean_env(), log, out))
+        self.others.append(proc)
+        return Session(proc)
+
     def start_client(
-        self, *, delta: float, num_examples: int = 10, mode: str = "poll", name: str = ""
+        self,
+        *,
+        delta: float,
+        num_examples: int = 10,
+        mode: str = "poll",
+        name: str = "",
+        port: int = 0,
+        train_seconds: float = 0.0,
+        slow_calls: str = "",
     ) -> Client:
-        """The real client in its own process, run from a folder holding client/."""
-        assert self.server is not None and self.port, "start the server first (§3.2)"
+        """The real client in its own process, run from a folder holding client/, attached
+        to replica port `port` (default: the first replica's). train_seconds makes its train
+        callback sleep that long, in the training calls listed in slow_calls ("2,3": its
+        second and third; default: every call)."""
+        assert self.servers and self.port, "start the server first (§3.2)"
+        port = port or self.port
         client_id = f"e2e-{uuid.uuid4().hex[:12]}"
         name = name or f"{client_id}-name"
         home = self.tmp / client_id
@@ -313,18 +473,22 @@ class E2E:
             SCALEOUT_CHECK_COMPATIBILITY="true",
             E2E_DELTA=repr(delta),
             E2E_NUM_EXAMPLES=str(num_examples),
+            E2E_TRAIN_SECONDS=repr(float(train_seconds)),
+            E2E_SLOW_CALLS=slow_calls,
         )
         args = [
             str(self.client_python), "-u", "-I", str(DRIVER),
-            HOST, str(self.port), client_id, name, mode,
+            HOST, str(port), client_id, name, mode,
         ]  # fmt: skip
         proc = self._track(Proc(f"client {client_id}", args, home, env, home / "client.log"))
-        client = Client(proc, client_id, name, delta, num_examples, mode)
+        client = Client(proc, client_id, name, delta, num_examples, mode, port)
         self.clients.append(client)
         return client
 
     def ensure_alive(self) -> None:
-        ensure_alive(*(c.proc for c in self.clients), *([self.server] if self.server else []))
+        """Every process the test did not kill on purpose is still running."""
+        procs = [c.proc for c in self.clients] + self.servers + self.workers
+        ensure_alive(*(p for p in procs if not p.killed))
 
     def wait_log(self, proc: Proc, text: str, timeout: float = 20.0) -> None:
         def seen():
@@ -334,6 +498,16 @@ class E2E:
             return False
 
         wait_for(seen, timeout, 0.05, f"{text!r} in the log of {proc.name}")
+
+    def wait_online(self, clients: list[Client], timeout: float = 30.0) -> None:
+        """Until `combiner status --json` lists these clients online."""
+        want = {c.client_id for c in clients}
+
+        def online():
+            self.ensure_alive()
+            return want <= set(self.cli.status()["clients"]["online"])
+
+        wait_for(online, timeout, 0.2, f"clients {sorted(want)} to be online")
 
     def wait_task(self, correlation_id: str, predicate, timeout: float = 30.0) -> dict:
         """Poll `combiner task show --json` until predicate(view) holds; the clients and the
@@ -351,8 +525,45 @@ class E2E:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last view:\n{json.dumps(last, indent=2)}") from None
 
+    def wait_session(self, session_id: str, predicate, timeout: float = 60.0) -> dict:
+        """Poll `combiner session show --json` until predicate(view) holds."""
+        last: dict = {}
+
+        def check():
+            nonlocal last
+            self.ensure_alive()
+            last = self.cli.session_show(session_id)
+            return last if predicate(last) else None
+
+        try:
+            return wait_for(check, timeout, 0.1, f"session {session_id}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last view:\n{json.dumps(last, indent=2)}") from None
+
+    # Reads the CLI does not print, through the broker API (no Redis command in tests).
+
+    def _broker_call(self, fn):
+        from broker import connect
+        from broker.context import Settings
+
+        async def run():
+            broker = await connect(self.redis_url, settings=Settings(prefix=self.prefix))
+            try:
+                return await fn(broker)
+            finally:
+                await broker.close()
+
+        return asyncio.run(run())
+
+    def drivers(self, session_id: str) -> list[str]:
+        """The session's driver log: "worker-id time" each time a worker took its lease."""
+        return self._broker_call(lambda b: b.sessions.drivers(session_id))
+
+    def round_tasks(self, session_id: str, round_id: str) -> dict[str, str]:
+        """The round's training tasks: correlation id -> client id."""
+        return self._broker_call(lambda b: b.sessions.round_tasks(session_id, round_id, "tasks"))
+
     def stop(self) -> None:
-        for client in self.clients:  # clients first: a vanishing server kills them (§3.2)
-            client.proc.stop(timeout=15)
-        if self.server is not None:
-            self.server.stop(timeout=15)
+        stop_all([c.proc for c in self.clients])  # first: a vanishing server kills them (§3.2)
+        stop_all([*self.others, *self.workers])
+        stop_all(self.servers)

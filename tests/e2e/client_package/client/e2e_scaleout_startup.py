@@ -1,10 +1,14 @@
 """Callbacks of the end-to-end test client (runs inside the real scaleout 1.0.0 client).
 
 The package folder is put first on sys.path and this module is imported by its file stem,
-so the stem is unique (protocol.md §14). The test sets E2E_DELTA and E2E_NUM_EXAMPLES.
+so the stem is unique (protocol.md §14). The test sets E2E_DELTA and E2E_NUM_EXAMPLES,
+and optionally E2E_TRAIN_SECONDS (training takes that long: a slow client) with
+E2E_SLOW_CALLS (the 1-based training calls that are slow, e.g. "2"; empty: all of them).
 """
 
+import itertools
 import os
+import time
 
 import numpy as np
 from scaleoututil.helpers.helpers import get_helper
@@ -13,13 +17,20 @@ from scaleoututil.utils.model import ScaleoutModel
 HELPER = get_helper("numpyhelper")
 DELTA = float(os.environ["E2E_DELTA"])
 NUM_EXAMPLES = int(os.environ["E2E_NUM_EXAMPLES"])
+TRAIN_SECONDS = float(os.environ.get("E2E_TRAIN_SECONDS") or 0)
+SLOW_CALLS = {int(c) for c in os.environ.get("E2E_SLOW_CALLS", "").split(",") if c.strip()}
 
 
 def startup(client):
     client_id = client.client_id
+    calls = itertools.count(1)
 
     def train(model, client_settings):
         """Add this client's constant to every array (dtype kept)."""
+        call = next(calls)
+        if TRAIN_SECONDS > 0 and (not SLOW_CALLS or call in SLOW_CALLS):
+            print(f"e2e: training call {call} takes {TRAIN_SECONDS}s", flush=True)
+            time.sleep(TRAIN_SECONDS)
         params = model.get_model_params(HELPER)
         out = [p + np.asarray(DELTA, dtype=p.dtype) for p in params]
         meta = {"training_metadata": {"num_examples": NUM_EXAMPLES}}
