@@ -23,7 +23,7 @@ class Inbound:
             self._presence.touch_commands(pipe, client_id, name)
             return lambda replies: replies[0]
 
-        return await self._ctx.batcher.submit(build)
+        return await self._presence.submit(client_id, build)
 
     async def add_result(
         self,
@@ -54,4 +54,4 @@ class Inbound:
             self._presence.touch_commands(pipe, client_id, name)
             return lambda replies: bool(replies[0][1])
 
-        return await self._ctx.batcher.submit(build)
+        return await self._presence.submit(client_id, build)

@@ -36,8 +36,17 @@ class Presence:
     def forget_throttle(self, client_id: str) -> None:
         self._last_write.pop(client_id, None)
 
+    async def submit(self, client_id: str, build):
+        """Batch build's commands; if they fail, the presence write they may have carried
+        did not happen, so the next contact must write it (no throttle)."""
+        try:
+            return await self._ctx.batcher.submit(build)
+        except BaseException:
+            self.forget_throttle(client_id)
+            raise
+
     async def touch(self, client_id: str, name: str = "") -> None:
-        await self._ctx.batcher.submit(lambda pipe: self.touch_commands(pipe, client_id, name))
+        await self.submit(client_id, lambda pipe: self.touch_commands(pipe, client_id, name))
 
     async def connect(self, client_id: str, name: str = "") -> None:
         keys, t = self._ctx.keys, now_str()
@@ -48,7 +57,7 @@ class Presence:
             pipe.hset(keys.client(client_id), "connected_at", t)
             self._event_commands(pipe, client_id, "connect")
 
-        await self._ctx.batcher.submit(build)
+        await self.submit(client_id, build)
 
     async def disconnect(self, client_id: str) -> None:
         """Announce Disconnect: offline at once; workers time out its tasks."""

@@ -27,13 +27,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if not model_id:
             raise InvalidInput("Upload needs the model-id metadata")
         expected = meta.get("checksum", "").lower()
+        if not expected:
+            # grpc.aio ends the request stream of a cancelled call just like a finished one;
+            # only the checksum tells a truncated upload from a whole one. (1.0.0 sends it.)
+            raise InvalidInput("Upload needs the checksum metadata (SHA-256 hex of the model)")
         upload = self.broker.models.upload(model_id, self.max_model_bytes)
         await upload.begin()
         try:
             async for chunk in request_iterator:
                 if chunk.data:
                     await upload.write(chunk.data)
-            if expected and expected != upload.sha256:
+            if expected != upload.sha256:
                 await upload.abort()
                 log.warning("upload %s: checksum mismatch, discarded", model_id)
                 return pb.ModelResponse(

@@ -138,15 +138,19 @@ async def test_multi_mib_round_trip(store, chunk):
         )
 
 
-async def test_empty_and_checksumless_uploads_round_trip(store):
+async def test_empty_upload_round_trips(store):
     assert (await upload(store.stubs, b"", "empty")).status == pb.ModelStatus.OK
     chunks, trailer = await download(store.stubs, "empty")
     assert b"".join(chunks) == b"" and trailer["checksum"] == sha(b"")
 
-    data = b"no checksum given"
-    assert (await upload(store.stubs, data, "nochk", checksum=None)).status == pb.ModelStatus.OK
-    chunks, trailer = await download(store.stubs, "nochk")
-    assert b"".join(chunks) == data and trailer["checksum"] == sha(data)
+
+async def test_upload_without_checksum_is_invalid_argument(store):
+    # Without a checksum a cancelled upload could not be told from a finished one (grpc.aio
+    # ends the request stream the same way), so a truncated model could become visible.
+    for checksum in (None, ""):
+        err = await code_of(upload(store.stubs, b"no checksum given", "nochk", checksum=checksum))
+        assert err == grpc.StatusCode.INVALID_ARGUMENT
+    await store.assert_nothing_stored("nochk")
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -241,7 +245,7 @@ async def test_download_while_uploading_is_failed_precondition_then_works(store)
 async def test_cancelled_upload_leaves_nothing_visible(store):
     # Half of the model is sent (with the whole model's checksum, as the client does); then
     # the client cancels. grpc.aio ends the server's request iterator on a cancel just as
-    # on a half-close, so both the cancellation and the checksum must keep it invisible.
+    # on a half-close, so the checksum (required) is what keeps it invisible.
     data = os.urandom(3 * MiB)
     call = store.stubs.models.Upload(metadata=upload_meta("gone", sha(data)))
     for i in range(0, MiB + 64 * KiB, 32 * KiB):  # enough for one staged 1 MiB chunk
