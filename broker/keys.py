@@ -17,6 +17,8 @@ P:{c:C}:queue                      list    correlation ids of queued tasks (FIFO
                                            LPUSH in, RPOP out)
 P:{c:C}:task:T                     hash    one task: type, model_id, data, session_id,
                                            round_id, state, flag, report, result ...
+P:{c:C}:streamed                   set     tasks C's TaskStreams took and no result answered
+                                           yet (put back when C opens a new stream)
 P:taskref:T                        string  client id owning task T (lookup by id alone)
 P:clients                          zset    client id -> last seen (unix seconds)
 P:streams                          zset    client id -> lease expiry of an open TaskStream
@@ -88,6 +90,10 @@ class Keys:
 
     def queue(self, client_id: str) -> str:
         return f"{self.client_tag(client_id)}:queue"
+
+    def streamed(self, client_id: str) -> str:
+        """Encoded correlation ids handed to the client's TaskStreams (stream_take.lua)."""
+        return f"{self.client_tag(client_id)}:streamed"
 
     def task(self, client_id: str, correlation_id: str) -> str:
         return f"{self.client_tag(client_id)}:task:{encode_id(correlation_id)}"

@@ -14,6 +14,7 @@ import redis.exceptions as rex
 NAMES = (
     "poll",
     "stream_take",
+    "stream_recover",
     "push",
     "flag",
     "ingest_result",

@@ -165,8 +165,20 @@ class TaskQueues:
     async def take_for_stream(self, client_id: str, limit: int = 100) -> list[Task]:
         """Every queued task of a client, for its TaskStream (each taken exactly once)."""
         keys = self._ctx.keys
-        script_keys = [keys.client(client_id), keys.queue(client_id), keys.clients]
-        args = [now_str(), client_id, self._replica, keys.task_prefix(client_id), limit]
+        script_keys = [
+            keys.client(client_id),
+            keys.queue(client_id),
+            keys.clients,
+            keys.streamed(client_id),
+        ]
+        args = [
+            now_str(),
+            client_id,
+            self._replica,
+            keys.task_prefix(client_id),
+            limit,
+            self._ctx.settings.task_ttl,
+        ]
         n = len(WIRE_FIELDS)
         tasks: list[Task] = []
         while True:  # one script call takes at most `limit`; a full batch means maybe more
@@ -177,6 +189,18 @@ class TaskQueues:
             tasks += [_task_from(flat[i : i + n], client_id) for i in range(0, len(flat), n)]
             if len(flat) < n * limit:
                 return tasks
+
+    async def recover_for_stream(self, client_id: str) -> int:
+        """A new TaskStream opens: queue again the tasks earlier streams of this client took
+        but never got an answer for (their replica died before the client read them).
+        Returns how many were put back."""
+        keys = self._ctx.keys
+        script_keys = [keys.streamed(client_id), keys.queue(client_id)]
+        args = [keys.task_prefix(client_id), now_str()]
+        out = await self._ctx.batcher.submit(
+            lambda pipe: self._ctx.scripts.call(pipe, "stream_recover", script_keys, args)
+        )
+        return int(out[0])
 
     async def flag(self, correlation_id: str, flag: str) -> str:
         """Abort ('abort') or time out ('timeout') a task; returns its previous state."""

@@ -237,15 +237,23 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def TaskStream(self, request: pb.ClientAvailableMessage, context):
         client_id, name = identity(context, request.client_id)
         broker = self.broker
+        # Tasks an earlier stream of this client took but never got an answer for (e.g.
+        # its replica was killed before the client read them) go back to the queue first
+        # (broker/lua/stream_recover.lua). This runs before the stream counts as open and
+        # before its first take, so it never puts back a task this stream took.
+        recovered = await broker.tasks.recover_for_stream(client_id)
+        if recovered:
+            log.info("client %s: %d unanswered streamed task(s) queued again", client_id, recovered)
         event = broker.wakeups.register(client_id)  # set at once: read the queue first
         self.open_streams[client_id] = self.open_streams.get(client_id, 0) + 1
         OPEN_STREAMS.inc()
-        await broker.presence.connect(client_id, name)
-        await broker.presence.renew_streams([client_id], lease=3 * self.stream_keepalive)
-        log.info("client %s opened a task stream", client_id)
         sent: set[str] = set()
         closing = asyncio.ensure_future(self._closing.wait())
         try:
+            # inside the try: if Redis fails here, the stream is not left counted as open
+            await broker.presence.connect(client_id, name)
+            await broker.presence.renew_streams([client_id], lease=3 * self.stream_keepalive)
+            log.info("client %s opened a task stream", client_id)
             while not self._closing.is_set():
                 waiter = asyncio.ensure_future(event.wait())
                 done, _ = await asyncio.wait(
