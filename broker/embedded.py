@@ -26,7 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Does a Redis answer PING at url?"""
     try:
         client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         try:
@@ -50,7 +51,7 @@ class EmbeddedRedis:
         url_file = self.state_dir / "redis.url"
         if url_file.exists():
             url = url_file.read_text().strip()
-            if _answers(url):
+            if answers(url):
                 self.url = url
                 return url
         binary = shutil.which("redis-server")
@@ -78,7 +79,7 @@ class EmbeddedRedis:
         )  # fmt: skip
         url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + timeout
-        while not _answers(url):
+        while not answers(url):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 log = self.state_dir / "redis.log"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pathlib
@@ -12,20 +13,27 @@ import subprocess
 import tempfile
 import time
 
-import redis
-
-from broker.embedded import free_port
+from broker.embedded import answers, free_port
 
 
 def redis_answers(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError):
-        return False
+    return answers(url)
+
+
+async def eventually(
+    predicate, within: float = 10.0, what: str = "condition", detail=None, every: float = 0.01
+):
+    """Await an async predicate until it is truthy (and return its value), or fail after
+    the deadline with `what` (and `await detail()`, if given). No fixed sleeps in tests."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f": {await detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {within}s waiting for {what}{extra}")
+        await asyncio.sleep(every)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):

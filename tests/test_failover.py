@@ -30,7 +30,7 @@ from combiner.refclient import ReferenceClient
 from combiner.views import session_view
 from tests.cluster import Cluster
 from tests.conftest import meta
-from tests.services import wait_for
+from tests.services import eventually, wait_for
 from tests.test_session import SEED, expected_after, trainer
 from workers.fedavg import load_npz, save_npz
 
@@ -76,7 +76,7 @@ async def wait_view(broker, session_id, predicate, within):
         view = await session_view(broker, session_id)
         return view if predicate(view) else None
 
-    return await wait_until(matching, within, f"session {session_id} to reach a state", every=0.2)
+    return await eventually(matching, within, f"session {session_id} to reach a state", every=0.2)
 
 
 async def test_rolling_restart_of_all_replicas_during_a_session(cluster, prefix):
@@ -84,7 +84,7 @@ async def test_rolling_restart_of_all_replicas_during_a_session(cluster, prefix)
     stop = asyncio.Event()
     clients, tasks = await run_clients(cluster, stop)
     try:
-        await wait_until(lambda: _online(broker, len(CLIENTS)), 30, "clients online")
+        await eventually(lambda: _online(broker, len(CLIENTS)), 30, "clients online")
         seed_id = await broker.models.put(save_npz(SEED))
         config = {"rounds": 4, "min_clients": 4, "max_clients": 4, "round_timeout": 60}
         session_id = await broker.sessions.create(config, seed_id)
@@ -120,20 +120,6 @@ MiB = 1024 * 1024
 
 def text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def wait_until(predicate, within: float, what: str, detail=None, every: float = 0.1):
-    """Await an async predicate until truthy; fail with `what` (and `await detail()`, if
-    given) after the deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f": {await detail()}" if detail is not None else ""
-            raise AssertionError(f"timed out after {within}s waiting for {what}{extra}")
-        await asyncio.sleep(every)
 
 
 async def stream_holders(broker, client_ids) -> dict[str, str]:
@@ -196,10 +182,10 @@ async def test_kill_9_of_a_replica_mid_session_loses_and_repeats_nothing(cluster
     streamers = {c.client_id for c in clients if c.mode == "stream"}
     rounds = 3
     try:
-        await wait_until(lambda: _online(broker, len(clients)), 30, "clients online")
+        await eventually(lambda: _online(broker, len(clients)), 30, "clients online")
         # HAProxy spreads the 4 streams round robin: some replica holds two of them. Kill
         # replica 1 if it holds one (it usually does), else the replica holding the most.
-        holders = await wait_until(
+        holders = await eventually(
             lambda: _all_holders(broker, streamers), 30, "every stream to be open"
         )
         counts = {rid: list(holders.values()).count(rid) for rid in set(holders.values())}
@@ -216,7 +202,7 @@ async def test_kill_9_of_a_replica_mid_session_loses_and_repeats_nothing(cluster
         await asyncio.to_thread(cluster.kill_replica, victim)
         assert not cluster.replicas[victim].alive
         # the streams the victim held are re-opened through HAProxy on the other replicas
-        moved = await wait_until(
+        moved = await eventually(
             lambda: _moved(broker, on_victim, victim_id), 30, "the victim's streams to move"
         )
         # and the replica comes back later, while the session goes on
@@ -304,7 +290,7 @@ async def test_kill_9_mid_upload_exposes_nothing_and_the_retry_elsewhere_succeed
     async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.replicas[0].port}") as direct:
         call = pb_grpc.ModelServiceStub(direct).Upload(chunks(), metadata=metadata)
         upload = asyncio.ensure_future(call)
-        await wait_until(
+        await eventually(
             lambda: _at_least(staged, sent_before_block), 30, "the first chunks to be staged"
         )
         assert (await broker.models.meta(model_id))["state"] == "uploading"
@@ -403,7 +389,7 @@ async def test_redis_restart_mid_session_loses_nothing_acknowledged(cluster, pre
     senders = [asyncio.create_task(send_metrics(channel, cid)) for cid in CLIENTS]
     rounds = 4
     try:
-        await wait_until(lambda: _online(broker, len(CLIENTS)), 30, "clients online")
+        await eventually(lambda: _online(broker, len(CLIENTS)), 30, "clients online")
         seed_id = await broker.models.put(save_npz(SEED))
         config = {"rounds": rounds, "min_clients": 4, "max_clients": 4, "round_timeout": 60}
         session_id = await broker.sessions.create(config, seed_id)
@@ -413,14 +399,14 @@ async def test_redis_restart_mid_session_loses_nothing_acknowledged(cluster, pre
             await asyncio.to_thread(cluster.restart_redis)  # SIGKILL, then the same AOF
         else:
             await asyncio.to_thread(cluster.redis.kill)
-            await wait_until(lambda: _any_refused(refused), 30, "a client to be refused")
+            await eventually(lambda: _any_refused(refused), 30, "a client to be refused")
             await asyncio.to_thread(cluster.redis.start)  # same port, same AOF
         # every replica subscribes again by itself (the new Redis process has none)
-        await wait_until(lambda: _pubsub_clients(broker, 3), 15, "3 wake-up subscriptions")
+        await eventually(lambda: _pubsub_clients(broker, 3), 15, "3 wake-up subscriptions")
         view = await _wait_view_across_restart(broker, session_id, 120)
         # the side loop keeps going until every sender got OKs after the restart
         after_restart = {cid: len(a) for cid, a in acked.items()}
-        await wait_until(
+        await eventually(
             lambda: _grew(acked, after_restart), 30, "metrics acknowledged after the restart"
         )
     finally:
@@ -475,7 +461,7 @@ async def _wait_view_across_restart(broker, session_id, within):
             return None
         return view if view["status"] in ("completed", "failed") else None
 
-    return await wait_until(finished, within, "the session to finish", every=0.2)
+    return await eventually(finished, within, "the session to finish", every=0.2)
 
 
 async def _any_refused(refused):
@@ -558,9 +544,9 @@ async def test_1000_streams_get_every_task_once_across_a_replica_kill(cluster, p
     wave1: dict[str, str] = {}
     wave2: dict[str, str] = {}
     try:
-        await wait_until(lambda: _streams_open(broker, N_STREAMING), 60, "all streams open")
+        await eventually(lambda: _streams_open(broker, N_STREAMING), 60, "all streams open")
         wave1 = await push_wave(ids)
-        await wait_until(lambda: delivered(wave1), 60, "wave 1 to be delivered", on_timeout)
+        await eventually(lambda: delivered(wave1), 60, "wave 1 to be delivered", on_timeout)
         on_victim: set[str] = set()
 
         async def kill():
@@ -569,9 +555,9 @@ async def test_1000_streams_get_every_task_once_across_a_replica_kill(cluster, p
             await asyncio.to_thread(cluster.kill_replica, 0)
 
         wave2 = await push_wave(ids, on_half=kill)
-        await wait_until(lambda: delivered(wave2), 90, "wave 2 to be delivered", on_timeout)
+        await eventually(lambda: delivered(wave2), 90, "wave 2 to be delivered", on_timeout)
         # results too: each validation reached Redis through a live replica
-        await wait_until(lambda: _completed(broker, {**wave1, **wave2}), 60, "every result")
+        await eventually(lambda: _completed(broker, {**wave1, **wave2}), 60, "every result")
     finally:
         stop.set()
         await asyncio.wait(runs, timeout=20)

@@ -20,21 +20,10 @@ from broker.embedded import free_port
 from combiner.pb import scaleout_pb2 as pb
 from combiner.server import Replica, ServeOptions
 from tests.conftest import Stubs, meta
-from tests.services import RedisServer
+from tests.services import RedisServer, eventually
 
 POOL_SIZE = 16  # broker.make_client's default: what a `combiner serve` replica gets
 DETECT_WITHIN = 5.0  # seconds: a dead pub/sub connection must be noticed and replaced
-
-
-async def eventually(predicate, within: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

@@ -3,32 +3,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import pathlib
-import time
 
 import grpc
 import pytest
 
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import Stubs, meta
+from tests.services import eventually
 
 MiB = 1024 * 1024
 KiB = 1024
-
-
-async def eventually(predicate, within: float = 10.0, what: str = "condition"):
-    """Await an async predicate until it is truthy, or fail after timeout (no fixed sleeps)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def sha(data: bytes) -> str:

@@ -12,6 +12,7 @@ from broker import connect
 from broker.context import Settings
 from combiner.refclient import ReferenceClient
 from combiner.views import session_view
+from tests.services import eventually
 from workers.fedavg import load_npz, save_npz
 from workers.runner import Worker
 
@@ -46,17 +47,6 @@ async def running(*coros_or_clients, stop: asyncio.Event):
                 await asyncio.wait_for(t, 5)
             if not t.done():
                 t.cancel()
-
-
-async def wait_until(predicate, timeout: float = 30.0, every: float = 0.1):
-    async def loop():
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await asyncio.sleep(every)
-
-    return await asyncio.wait_for(loop(), timeout)
 
 
 @pytest.fixture
@@ -99,10 +89,10 @@ async def test_three_clients_two_replicas_exact_weighted_mean(broker, make_repli
         for i, cid in enumerate(CLIENTS)
     ]
     async with running(*(c.run(stop) for c in clients), stop=stop):
-        await wait_until(lambda: _online(broker, 3))
+        await eventually(lambda: _online(broker, 3), 30)
         session_id = await start_session(broker, rounds=3)
         await make_worker()
-        view = await wait_until(lambda: _finished(broker, session_id), timeout=60)
+        view = await eventually(lambda: _finished(broker, session_id), 60)
     assert view["status"] == "completed", view
     assert [r["status"] for r in view["rounds"]] == ["done"] * 3
     for r in view["rounds"]:
@@ -114,7 +104,9 @@ async def test_three_clients_two_replicas_exact_weighted_mean(broker, make_repli
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-async def test_round_without_updates_fails_the_session_explicitly(broker, make_replica, make_worker):
+async def test_round_without_updates_fails_the_session_explicitly(
+    broker, make_replica, make_worker
+):
     replica = await make_replica()
     stop = asyncio.Event()
 
@@ -123,10 +115,10 @@ async def test_round_without_updates_fails_the_session_explicitly(broker, make_r
 
     client = ReferenceClient(f"127.0.0.1:{replica.port}", "dave", poll_interval=0.2, train=broken)
     async with running(client.run(stop), stop=stop):
-        await wait_until(lambda: _online(broker, 1))
+        await eventually(lambda: _online(broker, 1), 30)
         session_id = await start_session(broker, rounds=2, min_clients=1, round_timeout=20)
         await make_worker()
-        view = await wait_until(lambda: _finished(broker, session_id), timeout=30)
+        view = await eventually(lambda: _finished(broker, session_id), 30)
     assert view["status"] == "failed"
     assert "no model updates" in view["error"]
     assert view["rounds"][0]["status"] == "failed" and len(view["rounds"]) == 1
@@ -135,7 +127,7 @@ async def test_round_without_updates_fails_the_session_explicitly(broker, make_r
 async def test_not_enough_clients_fails_after_client_wait(broker, make_worker):
     session_id = await start_session(broker, rounds=1, min_clients=2, client_wait=0.5)
     await make_worker()
-    view = await wait_until(lambda: _finished(broker, session_id), timeout=20)
+    view = await eventually(lambda: _finished(broker, session_id), 20)
     assert view["status"] == "failed" and "required clients" in view["error"]
 
 
@@ -146,11 +138,11 @@ async def test_two_workers_never_both_drive_a_session(broker, make_replica, make
         f"127.0.0.1:{replica.port}", "erin", poll_interval=0.2, train=trainer(1.0, 5)
     )
     async with running(client.run(stop), stop=stop):
-        await wait_until(lambda: _online(broker, 1))
+        await eventually(lambda: _online(broker, 1), 30)
         session_id = await start_session(broker, rounds=2, min_clients=1, validate=False)
         await make_worker()
         await make_worker()
-        view = await wait_until(lambda: _finished(broker, session_id), timeout=30)
+        view = await eventually(lambda: _finished(broker, session_id), 30)
     assert view["status"] == "completed"
     drivers = await broker.sessions.drivers(session_id)
     assert len(drivers) == 1, drivers

@@ -13,18 +13,7 @@ import pytest
 
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import Stubs, meta
-
-
-async def eventually(predicate, within: float = 10.0, what: str = "condition"):
-    """Await an async predicate until it is truthy, or fail after a deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.services import eventually
 
 
 def open_stream(stubs, client_id: str = "c1"):

@@ -9,27 +9,16 @@ import time
 
 from broker import Broker, BrokerError
 from broker.consumers import StreamGroup
+from broker.keys import INBOUND_KINDS
 from workers.metrics import RECORDS, STREAM_LAG, STREAM_PENDING
 
 log = logging.getLogger("workers.records")
-
-KINDS = (
-    "updates",
-    "validations",
-    "predictions",
-    "metrics",
-    "statuses",
-    "telemetry",
-    "attributes",
-    "reports",
-    "presence",
-)
 
 
 class Records:
     def __init__(self, broker: Broker, worker_id: str, claim_after: float = 30.0) -> None:
         self.broker = broker
-        self.group = StreamGroup(broker.ctx, "records", worker_id, KINDS)
+        self.group = StreamGroup(broker.ctx, "records", worker_id, INBOUND_KINDS)
         self.claim_after = claim_after
         self.processed = 0
 
