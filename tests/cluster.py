@@ -116,6 +116,7 @@ class Cluster:
             stderr=log,
             start_new_session=True,
         )
+
         def up():
             if self.haproxy.poll() is not None:
                 raise RuntimeError(f"haproxy exited:\n{self.logs()}")
