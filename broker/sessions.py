@@ -177,8 +177,14 @@ class Sessions:
         raw = await self._ctx.call(
             self._ctx.redis.hgetall, self._ctx.keys.session_records(session_id, kind)
         )
-        out = [json.loads(v) for _, v in sorted(raw.items())]
-        return out
+        return [json.loads(v) for _, v in sorted(raw.items())]
+
+    async def client_records(self, client_id: str, kind: str) -> list[dict]:
+        """The client's latest records of a kind, newest first."""
+        raw = await self._ctx.call(
+            self._ctx.redis.lrange, self._ctx.keys.client_records(client_id, kind), 0, -1
+        )
+        return [json.loads(v) for v in raw]
 
     async def add_records(self, items: list[tuple[str, str, str, str, dict]], ttl: int) -> None:
         """Keep stream records: (session id, client id, kind, entry id, record). Keyed by

@@ -527,18 +527,27 @@ async def session_show(**kw) -> None:
 
 @main.command()
 @redis_options
+@option(
+    "--client",
+    "client_id",
+    default="",
+    help="Show one client instead: its record and latest statuses, telemetry, metrics.",
+)
 @option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
 @run_async
 async def status(**kw) -> None:
     """Replicas, clients online, stream lengths and consumer lag, current session."""
-    from combiner.views import status_view
+    from combiner.views import client_view, status_view
 
     broker, _ = await open_broker(kw)
     try:
-        view = await status_view(broker)
+        if kw["client_id"]:
+            view = await client_view(broker, kw["client_id"])
+        else:
+            view = await status_view(broker)
     finally:
         await broker.close()
-    if kw["as_json"]:
+    if kw["as_json"] or kw["client_id"]:
         click.echo(json.dumps(view, indent=2))
         return
     from rich.console import Console

@@ -22,6 +22,7 @@ async def session_view(broker: Broker, session_id: str) -> dict:
     if not record:
         raise NotFound(f"no session {session_id!r}")
     cfg = record.get("config", {})
+    metrics = await broker.sessions.records(session_id, "metrics")
     rounds = []
     for r in range(1, int(cfg.get("rounds", 0)) + 1):
         rid = str(r)
@@ -47,6 +48,15 @@ async def session_view(broker: Broker, session_id: str) -> dict:
                 "rejected": _json(rnd.get("rejected", ""), {}),
                 "validations": len(validations),
                 "validation_results": validations,
+                "metrics": [
+                    {
+                        "client_id": m.get("client_id", ""),
+                        "step": m.get("step", ""),
+                        "metrics": m.get("metrics", {}),
+                    }
+                    for m in metrics
+                    if m.get("round_id") == rid
+                ],
                 "reason": rnd.get("reason", ""),
             }
         )
@@ -59,7 +69,32 @@ async def session_view(broker: Broker, session_id: str) -> dict:
         "config": cfg,
         "error": record.get("error", ""),
         "driver": await broker.sessions.holder(session_id),
+        "records": {
+            kind: len(await broker.sessions.records(session_id, kind)) for kind in SESSION_RECORDS
+        },
         "rounds": rounds,
+    }
+
+
+SESSION_RECORDS = ("updates", "validations", "predictions", "metrics", "reports")
+CLIENT_RECORDS = ("statuses", "telemetry", "attributes", "metrics", "presence")
+
+
+async def client_view(broker: Broker, client_id: str) -> dict:
+    """One client: its record, and its latest statuses, telemetry, attributes, metrics."""
+    record = await broker.presence.client(client_id)
+    if not record:
+        raise NotFound(f"no client {client_id!r}")
+    online = client_id in set(await broker.presence.online())
+    return {
+        "client_id": client_id,
+        "online": online,
+        "record": record,
+        "queued": await broker.tasks.queued(client_id),
+        "latest": {
+            kind: (await broker.sessions.client_records(client_id, kind))[:10]
+            for kind in CLIENT_RECORDS
+        },
     }
 
 

@@ -122,3 +122,49 @@ async def test_status_json_describes_a_known_cluster(make_replica, broker, redis
     assert view["clients"]["offline"] == ["gone", "old"]
     assert view["streams"]["presence"]["length"] == 3  # connect, disconnect, stream open
     assert view["current_session"] is None and view["sessions"] == []
+
+
+async def test_status_client_shows_its_latest_records(tmp_path, stubs, broker, redis_url, prefix):
+    status = pb.Status(client_id="rc1", status="training started", log_level=pb.LogLevel.INFO)
+    await stubs.combiner.SendStatus(status, metadata=meta("rc1"))
+    telemetry = pb.TelemetryMessage(
+        client_id="rc1", telemetries=[pb.TelemetryElem(key="cpu_usage", value=12.5)]
+    )
+    await stubs.combiner.SendTelemetryMessage(telemetry, metadata=meta("rc1"))
+    worker = Child(
+        ["worker", "--redis-url", redis_url, "--prefix", prefix, "--log-format", "json"],
+        str(tmp_path / "worker.log"),
+    ).start()
+    try:
+
+        def shown():
+            done = subprocess.run(
+                [sys.executable, "-m", "combiner", "status", "--client", "rc1",
+                 "--redis-url", redis_url, "--prefix", prefix],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            view = json.loads(done.stdout)
+            latest = view["latest"]
+            return view if latest["statuses"] and latest["telemetry"] else None
+
+        view = await asyncio.to_thread(wait_for, shown, 20, 0.2, "the client's records")
+    finally:
+        worker.stop()
+    assert view["online"] is True and view["record"]["name"] == "rc1"
+    assert view["latest"]["statuses"][0]["status"] == "training started"
+    assert view["latest"]["statuses"][0]["log_level"] == "INFO"
+    assert view["latest"]["telemetry"][0]["telemetries"] == {"cpu_usage": 12.5}
+    # --log-format json: every log line of the worker is one JSON object
+    lines = (tmp_path / "worker.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines if line.strip()]
+    assert any(e["msg"].startswith("worker ") and e["level"] == "info" for e in events)
+
+
+def test_status_of_an_unknown_client_is_a_clear_error(redis_url, prefix):
+    done = subprocess.run(
+        [sys.executable, "-m", "combiner", "status", "--client", "nobody",
+         "--redis-url", redis_url, "--prefix", prefix],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "no client 'nobody'" in done.stderr
+    assert "Traceback" not in done.stderr

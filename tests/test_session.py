@@ -10,8 +10,10 @@ import pytest
 
 from broker import connect
 from broker.context import Settings
+from combiner.pb import scaleout_pb2 as pb
 from combiner.refclient import ReferenceClient
 from combiner.views import session_view
+from tests.conftest import meta
 from tests.services import eventually
 from workers.fedavg import load_npz, save_npz
 from workers.runner import Worker
@@ -155,3 +157,59 @@ async def _online(broker, n):
 async def _finished(broker, session_id):
     view = await session_view(broker, session_id)
     return view if view["status"] in ("completed", "failed") else None
+
+
+async def test_bad_updates_are_rejected_with_a_reason_not_the_round(
+    broker, make_replica, make_worker, stubs
+):
+    """Wrong shapes and a missing num_examples reject that update (recorded), not the round;
+    metrics a client sent for the round show up in the session view."""
+    replica = await make_replica()
+    stop = asyncio.Event()
+
+    def wrong_shape(arrays, settings):
+        return [np.zeros(3, dtype=np.float32), arrays[1]], 5
+
+    def no_weight(arrays, settings):
+        return arrays, None
+
+    clients = [
+        ReferenceClient(f"127.0.0.1:{replica.port}", cid, poll_interval=0.2, train=train)
+        for cid, train in (
+            ("alice", trainer(*CLIENTS["alice"])),
+            ("bob", trainer(*CLIENTS["bob"])),
+            ("mallory", wrong_shape),
+            ("nobody", no_weight),
+        )
+    ]
+    async with running(*(c.run(stop) for c in clients), stop=stop):
+        await eventually(lambda: _online(broker, 4), 30)
+        session_id = await start_session(broker, rounds=1, min_clients=4, validate=False)
+        metric = pb.ModelMetric(
+            client_id="alice",
+            metrics=[pb.MetricElem(key="loss", value=0.5)],
+            session_id=session_id,
+            round_id="1",
+        )
+        metric.step.value = 0
+        await stubs.combiner.SendModelMetric(metric, metadata=meta("alice"))
+        await make_worker()
+        view = await eventually(lambda: _finished(broker, session_id), 30)
+
+        async def metrics_recorded():
+            v = await session_view(broker, session_id)
+            return v if v["rounds"][0]["metrics"] else None
+
+        view = await eventually(metrics_recorded, 15)
+    assert view["status"] == "completed"
+    rnd = view["rounds"][0]
+    assert rnd["updates"] == 2 and rnd["aggregated"] == ["alice", "bob"]
+    assert set(rnd["rejected"]) == {"mallory", "nobody"}
+    assert "shape" in rnd["rejected"]["mallory"]
+    assert "num_examples" in rnd["rejected"]["nobody"]
+    assert rnd["metrics"] == [{"client_id": "alice", "step": "0", "metrics": {"loss": 0.5}}]
+    assert view["records"]["metrics"] == 1 and view["records"]["updates"] == 4
+    two = {k: CLIENTS[k] for k in ("alice", "bob")}
+    final = load_npz(await broker.models.get(view["model_id"]))
+    for got, want in zip(final, expected_after(1, two), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
