@@ -272,6 +272,11 @@ def save_npz(path: Path, arrays: list[np.ndarray]) -> Path:
     return path
 
 
+def release(hold_dir: Path, call: int) -> None:
+    """Let the clients started with hold_dir=hold_dir finish their training call `call`."""
+    (hold_dir / f"release-{call}").touch()
+
+
 def load_npz(path: Path) -> list[np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return [npz[str(i)] for i in range(len(npz.files))]
@@ -452,14 +457,20 @@ class E2E:
         mode: str = "poll",
         name: str = "",
         port: int = 0,
+        host: str = HOST,
         train_seconds: float = 0.0,
         slow_calls: str = "",
+        hold_dir: Path | None = None,
+        hold_calls: str = "",
     ) -> Client:
         """The real client in its own process, run from a folder holding client/, attached
-        to replica port `port` (default: the first replica's). train_seconds makes its train
+        to host:port (default: the first replica's port; give a port to attach it to
+        something this E2E did not start, e.g. HAProxy in front of a tests/cluster.py
+        Cluster, which must be listening already). train_seconds makes its train
         callback sleep that long, in the training calls listed in slow_calls ("2,3": its
-        second and third; default: every call)."""
-        assert self.servers and self.port, "start the server first (§3.2)"
+        second and third; default: every call). With hold_dir, the training calls listed in
+        hold_calls wait until the test creates hold_dir/release-<call> (see release())."""
+        assert port or (self.servers and self.port), "start the server first (§3.2)"
         port = port or self.port
         client_id = f"e2e-{uuid.uuid4().hex[:12]}"
         name = name or f"{client_id}-name"
@@ -475,10 +486,12 @@ class E2E:
             E2E_NUM_EXAMPLES=str(num_examples),
             E2E_TRAIN_SECONDS=repr(float(train_seconds)),
             E2E_SLOW_CALLS=slow_calls,
+            E2E_HOLD_DIR=str(hold_dir or ""),
+            E2E_HOLD_CALLS=hold_calls,
         )
         args = [
             str(self.client_python), "-u", "-I", str(DRIVER),
-            HOST, str(port), client_id, name, mode,
+            host, str(port), client_id, name, mode,
         ]  # fmt: skip
         proc = self._track(Proc(f"client {client_id}", args, home, env, home / "client.log"))
         client = Client(proc, client_id, name, delta, num_examples, mode, port)
@@ -559,9 +572,18 @@ class E2E:
         """The session's driver log: "worker-id time" each time a worker took its lease."""
         return self._broker_call(lambda b: b.sessions.drivers(session_id))
 
-    def round_tasks(self, session_id: str, round_id: str) -> dict[str, str]:
-        """The round's training tasks: correlation id -> client id."""
-        return self._broker_call(lambda b: b.sessions.round_tasks(session_id, round_id, "tasks"))
+    def round_tasks(self, session_id: str, round_id: str, kind: str = "tasks") -> dict[str, str]:
+        """The round's training tasks (kind="validations": its validation tasks):
+        correlation id -> client id."""
+        return self._broker_call(lambda b: b.sessions.round_tasks(session_id, round_id, kind))
+
+    def task_records(self, tasks: dict[str, str]) -> dict[str, dict[str, str]]:
+        """The stored records (state, attempts, via, ...) of tasks given as corr -> client."""
+        return self._broker_call(lambda b: b.tasks.records(tasks))
+
+    def last_seen(self) -> dict[str, float]:
+        """Client id -> when a replica last heard from it (every poll updates it)."""
+        return self._broker_call(lambda b: b.presence.clients())
 
     def stop(self) -> None:
         stop_all([c.proc for c in self.clients])  # first: a vanishing server kills them (§3.2)

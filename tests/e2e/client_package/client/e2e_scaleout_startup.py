@@ -3,7 +3,9 @@
 The package folder is put first on sys.path and this module is imported by its file stem,
 so the stem is unique (protocol.md §14). The test sets E2E_DELTA and E2E_NUM_EXAMPLES,
 and optionally E2E_TRAIN_SECONDS (training takes that long: a slow client) with
-E2E_SLOW_CALLS (the 1-based training calls that are slow, e.g. "2"; empty: all of them).
+E2E_SLOW_CALLS (the 1-based training calls that are slow, e.g. "2"; empty: all of them),
+and optionally E2E_HOLD_DIR with E2E_HOLD_CALLS (training call k, for each k listed, waits
+until the test creates the file E2E_HOLD_DIR/release-k: the test decides when it ends).
 """
 
 import itertools
@@ -19,6 +21,21 @@ DELTA = float(os.environ["E2E_DELTA"])
 NUM_EXAMPLES = int(os.environ["E2E_NUM_EXAMPLES"])
 TRAIN_SECONDS = float(os.environ.get("E2E_TRAIN_SECONDS") or 0)
 SLOW_CALLS = {int(c) for c in os.environ.get("E2E_SLOW_CALLS", "").split(",") if c.strip()}
+HOLD_DIR = os.environ.get("E2E_HOLD_DIR", "")
+HOLD_CALLS = {int(c) for c in os.environ.get("E2E_HOLD_CALLS", "").split(",") if c.strip()}
+HOLD_LIMIT = 600.0  # seconds: a held call gives up (raises) if the test never releases it
+
+
+def hold(call: int) -> None:
+    """Wait until the test releases this training call (creates HOLD_DIR/release-<call>)."""
+    release = os.path.join(HOLD_DIR, f"release-{call}")
+    print(f"e2e: training call {call} waits for {release}", flush=True)
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"training call {call} was never released")
+        time.sleep(0.05)
+    print(f"e2e: training call {call} released", flush=True)
 
 
 def startup(client):
@@ -31,6 +48,8 @@ def startup(client):
         if TRAIN_SECONDS > 0 and (not SLOW_CALLS or call in SLOW_CALLS):
             print(f"e2e: training call {call} takes {TRAIN_SECONDS}s", flush=True)
             time.sleep(TRAIN_SECONDS)
+        if HOLD_DIR and call in HOLD_CALLS:
+            hold(call)
         params = model.get_model_params(HELPER)
         out = [p + np.asarray(DELTA, dtype=p.dtype) for p in params]
         meta = {"training_metadata": {"num_examples": NUM_EXAMPLES}}
