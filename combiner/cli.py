@@ -95,6 +95,14 @@ async def open_broker(kw, **extra) -> tuple[Broker, EmbeddedRedis | None]:
     return broker, embedded
 
 
+metrics_option = option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off).",
+)
+
+
 def start_metrics(port: int | None, broker: Broker) -> None:
     if port:
         from combiner import metrics
@@ -147,12 +155,7 @@ def main() -> None:
     type=click.FloatRange(0),
     help="On SIGTERM, seconds in-flight calls may take to finish.",
 )
-@option(
-    "--metrics-port",
-    default=None,
-    type=click.IntRange(1, 65535),
-    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off).",
-)
+@metrics_option
 @option(
     "--drain-delay",
     default=2.0,
@@ -355,12 +358,7 @@ async def task_show(**kw) -> None:
     type=click.FloatRange(0.5),
     help="A client is offline after this many seconds without any RPC.",
 )
-@option(
-    "--metrics-port",
-    default=None,
-    type=click.IntRange(1, 65535),
-    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: off).",
-)
+@metrics_option
 @option(
     "--poll-every",
     default=0.5,
