@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo serve test lint clean
+.PHONY: demo serve test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q -ra
+
+# The benchmark suite with same-run baselines (bench/README.md); ARGS=--quick for a short run
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .combiner .pytest_cache .ruff_cache

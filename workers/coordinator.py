@@ -300,6 +300,7 @@ class Coordinator:
                 arrays = await asyncio.to_thread(load_npz, data)
                 del data
                 await asyncio.to_thread(mean.add, arrays, weight)
+                del arrays  # else it lives on while the next update is fetched and decoded
             except BrokerUnavailable:
                 raise  # pause the session; the next attempt redoes this aggregation
             except (BadUpdate, BrokerError) as exc:  # e.g. the update's model is gone

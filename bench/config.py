@@ -1,0 +1,123 @@
+"""Sizes of each run mode: full (the default), --quick (a few minutes), --smoke (seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Config:
+    mode: str
+    # closed-loop unary loads (poll, ingest)
+    warmup: float
+    duration: float
+    reps: int  # interleaved repetitions (bare, R=1, R=2, bare, ...); the median counts
+    clients: int  # concurrent client coroutines, one client id each
+    channels: int  # grpc.aio channels they share
+    task_fraction: float  # poll with tasks: about this share of polls gets a task
+    ingest_replicas: tuple[int, ...]
+    xadd_batch: int
+    # fanout
+    fanout_clients: int
+    fanout_replicas: tuple[int, ...]
+    streams_per_channel: int
+    open_rate: int  # TaskStreams opened per second (clients arriving, not all at once)
+    # transfer
+    transfer_sizes: tuple[int, ...]
+    transfer_reps: int
+    # memory
+    memory_streams: int
+    memory_pollers: int
+    poll_interval: float
+    pollers_per_channel: int
+    settle: float  # seconds a replica gets to settle before its RSS is read
+    # round
+    round_clients: int
+    round_model_bytes: int
+    # targets that only make sense at full size
+    full_size: dict = field(default_factory=dict)
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+FULL = Config(
+    mode="full",
+    warmup=2.0,
+    duration=8.0,
+    reps=2,
+    clients=200,
+    channels=4,
+    task_fraction=0.1,
+    ingest_replicas=(1, 2),
+    xadd_batch=100,
+    fanout_clients=5000,
+    fanout_replicas=(1, 2),
+    streams_per_channel=100,
+    open_rate=1000,
+    transfer_sizes=(10 * MiB, 100 * MiB),
+    transfer_reps=3,
+    memory_streams=5000,
+    memory_pollers=2000,
+    poll_interval=5.0,
+    pollers_per_channel=10,
+    settle=2.0,
+    round_clients=100,
+    round_model_bytes=10 * MiB,
+)
+
+QUICK = Config(
+    mode="quick",
+    warmup=1.0,
+    duration=3.0,
+    reps=2,
+    clients=200,
+    channels=4,
+    task_fraction=0.1,
+    ingest_replicas=(1,),
+    xadd_batch=100,
+    fanout_clients=1000,
+    fanout_replicas=(2,),
+    streams_per_channel=100,
+    open_rate=1000,
+    transfer_sizes=(10 * MiB,),
+    transfer_reps=5,
+    memory_streams=1000,
+    memory_pollers=500,
+    poll_interval=2.0,
+    pollers_per_channel=10,
+    settle=1.5,
+    round_clients=20,
+    round_model_bytes=10 * MiB,
+)
+
+SMOKE = Config(
+    mode="smoke",
+    warmup=0.3,
+    duration=1.0,
+    reps=1,
+    clients=20,
+    channels=2,
+    task_fraction=0.1,
+    ingest_replicas=(1,),
+    xadd_batch=100,
+    fanout_clients=50,
+    fanout_replicas=(2,),
+    streams_per_channel=10,
+    open_rate=1000,
+    transfer_sizes=(1 * MiB,),
+    transfer_reps=1,
+    memory_streams=100,
+    memory_pollers=40,
+    poll_interval=0.5,
+    pollers_per_channel=10,
+    settle=0.3,
+    round_clients=3,
+    round_model_bytes=MiB // 4,
+)
+
+# Full-size figures some targets are stated for.
+TARGET_STREAMS = 5000
+TARGET_FANOUT = 5000

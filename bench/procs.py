@@ -1,0 +1,283 @@
+"""Every process the suite starts: a private redis-server, replicas (`combiner serve`),
+bare baseline servers, load generators and the aggregation child. All are registered
+here and stopped by PID when the suite ends, also on Ctrl-C, SIGTERM or an error."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import redis
+
+from broker.embedded import free_port
+
+_LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """A /proc/PID/status memory field in kB (VmRSS, VmHWM, ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Registry:
+    """Processes to stop, newest first. An atexit hook is the last resort."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen | asyncio.subprocess.Process] = []
+        self.pids: list[int] = []  # every process ever started, for the record
+        atexit.register(self.kill_all)
+
+    def add(self, proc):
+        self.procs.append(proc)
+        self.pids.append(proc.pid)
+        return proc
+
+    def kill_all(self) -> None:
+        """SIGKILL whatever is still running (stopping in order is the callers' job)."""
+        for proc in reversed(self.procs):
+            running = (
+                proc.poll() is None
+                if isinstance(proc, subprocess.Popen)
+                else (proc.returncode is None)
+            )
+            if running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                if isinstance(proc, subprocess.Popen):
+                    with contextlib.suppress(Exception):
+                        proc.wait(5)
+        self.procs.clear()
+
+
+class RedisProc:
+    """A private redis-server on a free loopback port (never the one on 6379)."""
+
+    def __init__(self, registry: Registry, workdir: pathlib.Path, persistence: str) -> None:
+        self.registry = registry
+        self.dir = workdir / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.persistence = persistence
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProc:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+        aof = ["--appendonly", "no"]
+        if self.persistence != "none":
+            aof = ["--appendonly", "yes", "--appendfsync", self.persistence]
+        args = [
+            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
+            "--save", "", *aof, "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = self.registry.add(
+            subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.RedisError, OSError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start; see {self.dir}") from None
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def version(self) -> str:
+        client = redis.Redis.from_url(self.url)
+        try:
+            return client.info("server")["redis_version"]
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        stop_popen(self.process, 10)
+
+
+def stop_popen(proc: subprocess.Popen | None, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class ServerProc:
+    """A gRPC server child (a replica or the bare baseline) that prints its port."""
+
+    def __init__(self, registry: Registry, name: str, args: list[str], log: pathlib.Path):
+        self.registry = registry
+        self.name = name
+        self.args = args
+        self.log_path = log
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProc:
+        log = open(self.log_path, "ab")
+        self.process = self.registry.add(
+            subprocess.Popen(
+                [sys.executable, *self.args],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,  # Ctrl-C reaches the suite only; it stops us
+            )
+        )
+        self._log = log
+        return self
+
+    def wait_listening(self, timeout: float = 60.0) -> ServerProc:
+        deadline = time.monotonic() + timeout
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            self._log.write(raw)
+            match = _LISTENING.search(raw.decode(errors="replace"))
+            if match:
+                self.port = int(match.group(2))
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
+            if time.monotonic() > deadline:
+                break
+        self.stop()
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{self.name} did not start:\n{tail}")
+
+    def _drain(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for raw in self.process.stdout:
+                self._log.write(raw)
+
+    def rss_kb(self) -> int:
+        return rss_kb(self.pid)
+
+    def stop(self) -> None:
+        stop_popen(self.process, 10)
+
+
+def replica_args(redis_url: str, prefix: str, name: str, state: pathlib.Path, *extra: str):
+    return [
+        "-m", "combiner", "serve", "--host", "127.0.0.1", "--port", "0",
+        "--redis-url", redis_url, "--prefix", prefix, "--replica-id", name,
+        "--state-dir", str(state), "--drain-delay", "0", "--drain-timeout", "1",
+        "--log-level", "warning", *extra,
+    ]  # fmt: skip
+
+
+def bare_args() -> list[str]:
+    return ["-m", "bench.bare", "--host", "127.0.0.1", "--port", "0"]
+
+
+class ClientProc:
+    """A load generator child (bench.client): JSON events out, commands in."""
+
+    def __init__(self, registry: Registry, spec: dict, log: pathlib.Path) -> None:
+        self.registry = registry
+        self.spec = spec
+        self.log_path = log
+        self.process: asyncio.subprocess.Process | None = None
+        self.events: list[dict] = []
+
+    async def start(self) -> ClientProc:
+        log = open(self.log_path, "ab")  # noqa: ASYNC230 (a local log file)
+        self.process = self.registry.add(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.client",
+                json.dumps(self.spec),
+                cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                limit=64 * 1024 * 1024,  # the fanout result is one long line
+            )
+        )
+        log.close()
+        return self
+
+    async def event(self, name: str, within: float = 120.0) -> dict:
+        """The next event called name (earlier other events are kept)."""
+        assert self.process is not None and self.process.stdout is not None
+
+        async def read():
+            while True:
+                line = await self.process.stdout.readline()
+                if not line:
+                    await self.process.wait()
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"load generator exited early:\n{tail}")
+                msg = json.loads(line)
+                self.events.append(msg)
+                if msg["event"] == name:
+                    return msg
+
+        return await asyncio.wait_for(read(), within)
+
+    async def send(self, **cmd) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write((json.dumps(cmd) + "\n").encode())
+        await self.process.stdin.drain()
+
+    async def result(self, within: float = 300.0) -> dict:
+        msg = await self.event("result", within)
+        await self.process.wait()
+        return msg
+
+    async def stop(self) -> None:
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

@@ -1,0 +1,13 @@
+"""One module per scenario; each has ``async def run(bench) -> dict`` returning
+``{"rows": [...], "details": {...}}`` (rows: figures with their same-run baselines)."""
+
+from bench.scenarios import fanout, ingest, memory, poll, round, transfer
+
+SCENARIOS = {
+    "poll": poll.run,
+    "ingest": ingest.run,
+    "fanout": fanout.run,
+    "transfer": transfer.run,
+    "memory": memory.run,
+    "round": round.run,
+}

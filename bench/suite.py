@@ -1,0 +1,303 @@
+"""What every scenario shares: the private Redis, deployments of replicas and bare
+servers (started once, reused, stopped at the end), load generators, and result rows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from bench.config import Config
+from bench.procs import (
+    ROOT,
+    ClientProc,
+    RedisProc,
+    Registry,
+    ServerProc,
+    bare_args,
+    cpu_seconds,
+    replica_args,
+)
+from broker import connect
+from broker.context import Settings
+
+
+@dataclass
+class Deployment:
+    name: str
+    servers: list[ServerProc]
+    prefix: str = ""  # '' for a bare server
+
+    @property
+    def bare(self) -> bool:
+        return not self.prefix
+
+    @property
+    def target(self) -> str:
+        if len(self.servers) == 1:
+            return self.servers[0].address
+        return "ipv4:" + ",".join(s.address for s in self.servers)
+
+    @property
+    def round_robin(self) -> bool:
+        return len(self.servers) > 1
+
+    def label(self) -> str:
+        if self.bare:
+            return "bare"
+        return f"R={len(self.servers)}"
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    if value is None or not baseline:
+        return None
+    return value / baseline
+
+
+def row(
+    case: str,
+    metric: str,
+    unit: str,
+    value: float | None,
+    baseline: str,
+    baseline_value: float | None,
+    better: str = "higher",
+    **extra,
+) -> dict:
+    """One reported figure with its same-run baseline."""
+    return {
+        "case": case,
+        "metric": metric,
+        "unit": unit,
+        "value": value,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": ratio(value, baseline_value),
+        "better": better,
+        **extra,
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Bench:
+    def __init__(self, cfg: Config, workdir: pathlib.Path, persistence: str = "none") -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.registry = Registry()
+        self.redis = RedisProc(self.registry, workdir, persistence)
+        self.deployments: dict[str, Deployment] = {}
+        self._brokers: dict[str, object] = {}
+        self._clients = 0
+
+    async def __aenter__(self) -> Bench:
+        await asyncio.to_thread(self.redis.start)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for broker in self._brokers.values():
+            with contextlib.suppress(Exception):
+                await broker.close()
+        self._brokers.clear()
+        servers = [s for d in self.deployments.values() for s in d.servers]
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
+        self.deployments.clear()
+        await asyncio.to_thread(self.redis.stop)
+        self.registry.kill_all()
+
+    # --- deployments -------------------------------------------------------------------
+
+    async def deploy(self, *specs: tuple) -> list[Deployment]:
+        """Start (or reuse) deployments, all at once: (name, replicas, extra args...);
+        replicas=0 means a bare server."""
+        new: list[Deployment] = []
+        for name, replicas, *extra in specs:
+            if name in self.deployments:
+                continue
+            if replicas == 0:
+                servers = [self._server(name, bare_args())]
+                dep = Deployment(name, servers)
+            else:
+                prefix = f"bench-{name}"
+                servers = [
+                    self._server(
+                        f"{name}-{i + 1}",
+                        replica_args(
+                            self.redis.url,
+                            prefix,
+                            f"{name}-{i + 1}",
+                            self.workdir / "state",
+                            *extra,
+                        ),
+                    )
+                    for i in range(replicas)
+                ]
+                dep = Deployment(name, servers, prefix)
+            self.deployments[name] = dep
+            new.append(dep)
+        waits = [asyncio.to_thread(s.wait_listening) for d in new for s in d.servers]
+        await asyncio.gather(*waits)
+        return [self.deployments[spec[0]] for spec in specs]
+
+    def _server(self, name: str, args: list[str]) -> ServerProc:
+        return ServerProc(self.registry, name, args, self.workdir / f"{name}.log").start()
+
+    async def retire(self, name: str) -> None:
+        """Stop a deployment nobody needs any more (frees memory and CPU)."""
+        dep = self.deployments.pop(name, None)
+        if dep is not None:
+            await asyncio.gather(*(asyncio.to_thread(s.stop) for s in dep.servers))
+
+    # --- Redis -------------------------------------------------------------------------
+
+    async def broker(self, prefix: str):
+        if prefix not in self._brokers:
+            self._brokers[prefix] = await connect(
+                self.redis.url, settings=Settings(prefix=prefix), replica_id="bench"
+            )
+        return self._brokers[prefix]
+
+    async def clear(self, prefix: str) -> int:
+        """Delete every key under a prefix (between scenarios)."""
+        broker = await self.broker("bench")
+        client = broker.redis
+        n = 0
+        batch = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                n += await client.unlink(*batch)
+                batch = []
+        if batch:
+            n += await client.unlink(*batch)
+        return n
+
+    # --- load generators ---------------------------------------------------------------
+
+    async def client(self, spec: dict) -> ClientProc:
+        self._clients += 1
+        log = self.workdir / f"client-{self._clients:03d}-{spec['kind']}.log"
+        return await ClientProc(self.registry, spec, log).start()
+
+    async def unary(self, dep: Deployment, method: str, **extra) -> dict:
+        """One closed-loop run of a unary RPC; returns the raw result."""
+        cfg = self.cfg
+        spec = {
+            "kind": "unary",
+            "target": dep.target,
+            "round_robin": dep.round_robin,
+            "method": method,
+            "clients": cfg.clients,
+            "channels": cfg.channels,
+            "warmup": cfg.warmup,
+            "duration": cfg.duration,
+            "redis_url": "" if dep.bare else self.redis.url,
+            **extra,
+        }
+        return await self.timed(spec, dep)
+
+    async def timed(self, spec: dict, dep: Deployment | None = None) -> dict:
+        """Start a load generator, wait until it is connected, start its clock. With a
+        deployment, also measure the CPU time its servers and Redis use in the window."""
+        cfg = self.cfg
+        proc = await self.client(spec)
+        cpu = None
+        try:
+            await proc.event("ready", within=60)
+            t0 = time.time() + 0.05
+            await proc.send(cmd="go", t0=t0)
+            if dep is not None:
+                cpu = asyncio.create_task(self._cpu(dep, t0 + cfg.warmup, cfg.duration))
+            result = await proc.result(within=cfg.warmup + cfg.duration + 120)
+            if cpu is not None:
+                result["cpu"] = await cpu
+            return result
+        finally:
+            if cpu is not None and not cpu.done():
+                cpu.cancel()
+            await proc.stop()
+
+    async def _cpu(self, dep: Deployment, start: float, duration: float) -> dict:
+        pids = {"servers": [s.pid for s in dep.servers], "redis": [self.redis.process.pid]}
+        if dep.bare:
+            pids.pop("redis")
+
+        def read() -> dict:
+            return {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+
+        await asyncio.sleep(max(0.0, start - time.time()))
+        before = read()
+        await asyncio.sleep(duration)
+        after = read()
+        return {f"{k}_s": after[k] - before[k] for k in before}
+
+    async def count_streams(self, dep: Deployment) -> int:
+        """Open TaskStreams on a deployment: the bare server's count, or the replicas'
+        stream leases in Redis."""
+        if dep.bare:
+            async with grpc.aio.insecure_channel(dep.target) as chan:
+                call = chan.unary_unary("/bench.Control/Count")
+                return int(await call(b"", timeout=5))
+        broker = await self.broker(dep.prefix)
+        return await broker.redis.zcard(broker.keys.streams)
+
+    async def release(self, dep: Deployment) -> int:
+        async with grpc.aio.insecure_channel(dep.target) as chan:
+            call = chan.unary_unary("/bench.Control/Release")
+            return int(await call(b"", timeout=10))
+
+    async def wait_streams(self, dep: Deployment, n: int, within: float = 120.0) -> float:
+        """Wait until n TaskStreams are open; returns how long it took."""
+        t = time.monotonic()
+        while (got := await self.count_streams(dep)) < n:
+            if time.monotonic() - t > within:
+                raise TimeoutError(f"only {got} of {n} TaskStreams open on {dep.name}")
+            await asyncio.sleep(0.05)
+        return time.monotonic() - t
+
+
+async def run_child(
+    bench: Bench, args: list[str], name: str, within: float, env: dict | None = None
+) -> dict:
+    """Run ``python ARGS`` (registered, stopped on errors); returns its last JSON line."""
+    log = open(bench.workdir / f"{name}.log", "ab")  # noqa: ASYNC230 (a local log file)
+    proc = bench.registry.add(
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    )
+    log.close()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), within)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        tail = (bench.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{tail}")
+    return json.loads(out.decode().strip().splitlines()[-1])
