@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -42,7 +43,7 @@ class Broker:
         self.scripts = Scripts()
         policy = policy or RetryPolicy()
         self.redis = client
-        self.batcher = Batcher(client, self.scripts, policy)
+        self.batcher = Batcher(client, self.scripts, policy, window=self.settings.batch_window)
         self.ctx = Context(client, self.keys, self.scripts, policy, self.batcher, self.settings)
         self.presence = Presence(self.ctx, self.replica_id)
         self.tasks = TaskQueues(self.ctx, self.replica_id)
@@ -57,6 +58,10 @@ class Broker:
 
     async def close(self) -> None:
         await self.wakeups.stop()
+        try:
+            await asyncio.wait_for(self.batcher.flush(), 5)
+        except Exception:
+            pass  # Redis gone: those calls fail with BrokerUnavailable by themselves
         await self.redis.aclose()
 
     async def ping(self) -> bool:
@@ -75,6 +80,7 @@ def make_client(url: str, pool_size: int = 16):
         socket_timeout=10,
         socket_connect_timeout=3,
         socket_keepalive=True,
+        socket_read_size=1024 * 1024,  # model chunks are 1 MiB: read them in one go
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )

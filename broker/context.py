@@ -19,6 +19,7 @@ class Settings:
     upload_ttl: int = 3600  # an unfinished upload (and its 'uploading' marker) expires
     offline_after: float = 30.0  # seconds without contact before a client counts as offline
     presence_every: float = 1.0  # a replica rewrites a client's last_seen at most this often
+    batch_window: float = 0.002  # seconds a batch waits for more callers (batching.py)
 
 
 @dataclass

@@ -89,6 +89,8 @@ async def open_broker(kw, **extra) -> tuple[Broker, EmbeddedRedis | None]:
         embedded = EmbeddedRedis(kw["state_dir"])
         url = await asyncio.to_thread(embedded.start)
     settings = Settings(prefix=kw["prefix"])
+    if kw.get("batch_window") is not None:
+        settings.batch_window = kw["batch_window"]
     if kw.get("offline_after_setting"):
         settings.offline_after = kw["offline_after_setting"]
     broker = await connect(url, settings=settings, **extra)
@@ -156,6 +158,13 @@ def main() -> None:
     help="On SIGTERM, seconds in-flight calls may take to finish.",
 )
 @metrics_option
+@option(
+    "--batch-window",
+    default=0.002,
+    type=click.FloatRange(0, 0.1),
+    help="Seconds an RPC waits for concurrent RPCs to share its Redis pipeline: fewer "
+    "round trips and less CPU per RPC under load, for that much added latency.",
+)
 @option(
     "--drain-delay",
     default=2.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -47,6 +48,10 @@ def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", 8 * 1024 * 1024),
         # A second server on a taken port would silently share its traffic.
         ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+        # Calls not yet accepted by the event loop are shed beyond these (1000 / 3000 by
+        # default): a reconnect storm of thousands of TaskStreams would get CANCELLED.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ]
 
 
@@ -151,6 +156,10 @@ async def serve(broker: Broker, opts: ServeOptions, ready=None) -> None:
     """Run a replica until SIGTERM/SIGINT, then drain."""
     replica = Replica(broker, opts)
     port = await replica.start()
+    # Thousands of live stream coroutines make the cyclic GC run often and long (a profile
+    # of a 5000-stream fan-out: p99 1.6 s -> 1.1 s); what exists at start never needs it.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
     if ready is not None:
         ready(port)
     stop = asyncio.Event()

@@ -279,6 +279,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
                 grpc.StatusCode.FAILED_PRECONDITION, "replica is draining; open the stream again"
             )
         finally:
+            log.info("client %s task stream closed", client_id)
             closing.cancel()
             OPEN_STREAMS.dec()
             broker.wakeups.unregister(client_id, event)
@@ -291,7 +292,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
                     await broker.presence.end_stream(client_id)
                 except Exception as exc:  # the stream is over either way
                     log.warning("could not end stream lease of %s: %s", client_id, exc)
-            log.info("client %s task stream closed", client_id)
 
 
 def add_to_server(servicer: CombinerServicer, server: grpc.aio.Server) -> None:
