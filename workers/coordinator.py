@@ -25,7 +25,7 @@ import uuid
 
 from broker import Broker, BrokerError, BrokerUnavailable, Conflict
 from broker.tasks import FINAL_STATES
-from workers.fedavg import BadUpdate, StreamingMean, load_npz, save_npz
+from workers.fedavg import BadUpdate, StreamingMean, release_large_buffers, save_npz
 from workers.metrics import ROUND_SECONDS, ROUNDS
 
 log = logging.getLogger("workers.coordinator")
@@ -69,6 +69,7 @@ class Coordinator:
         self.worker_id = worker_id
         self.lease_ttl = lease_ttl
         self.poll_every = poll_every
+        release_large_buffers()  # aggregation handles model-sized buffers one after another
 
     async def run(self, stop: asyncio.Event) -> None:
         """Look for sessions to drive until stop is set."""
@@ -297,10 +298,8 @@ class Coordinator:
                 continue
             try:
                 data = await models.get(rec["model_update_id"])
-                arrays = await asyncio.to_thread(load_npz, data)
-                del data
-                await asyncio.to_thread(mean.add, arrays, weight)
-                del arrays  # else it lives on while the next update is fetched and decoded
+                await asyncio.to_thread(mean.add_npz, data, weight)
+                del data  # else it lives on while the next update is fetched
             except BrokerUnavailable:
                 raise  # pause the session; the next attempt redoes this aggregation
             except (BadUpdate, BrokerError) as exc:  # e.g. the update's model is gone

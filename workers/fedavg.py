@@ -8,7 +8,9 @@ as float64.
 
 from __future__ import annotations
 
+import ctypes
 import io
+import zipfile
 
 import numpy as np
 
@@ -37,6 +39,32 @@ def save_npz(arrays: list[np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def release_large_buffers(threshold: int = 128 * 1024) -> None:
+    """Have glibc serve allocations above threshold with mmap, so a freed model-sized
+    buffer goes back to the OS instead of staying in a fragmented heap (the bench measured
+    the worker's peak RSS at about twice its live data without this). No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # from malloc.h
+    libc.mallopt(m_mmap_threshold, threshold)
+
+
+def _npz_arrays(npz) -> list[str]:
+    names = set(npz.files)
+    expected = {str(i) for i in range(len(names))}
+    if names != expected:
+        raise BadUpdate(f"arrays must be named 0..{len(names) - 1}, got {sorted(names)}")
+    return [str(i) for i in range(len(names))]
+
+
+def _fold(m: np.ndarray, diff: np.ndarray, share: float) -> None:
+    """m += diff * share, in place, reusing diff (no more temporaries)."""
+    diff *= m.dtype.type(share)
+    m += diff
+
+
 class StreamingMean:
     def __init__(self) -> None:
         self.model: list[np.ndarray] | None = None
@@ -61,7 +89,40 @@ class StreamingMean:
         self.total += weight
         share = weight / self.total
         for m, a in zip(self.model, arrays, strict=True):
-            m += (a.astype(m.dtype, copy=False) - m) * m.dtype.type(share)
+            _fold(m, np.subtract(a, m, dtype=m.dtype), share)  # one temporary per array
+        self.count += 1
+
+    def add_npz(self, data: bytes, weight: float) -> None:
+        """Fold an npz update in one array at a time: memory stays at the running mean, the
+        update's bytes and one of its arrays. A first pass decodes every array (checking
+        shapes and the zip CRCs) without keeping it, so a bad update changes nothing."""
+        if self.model is None:
+            self.add(load_npz(data), weight)
+            return
+        if not weight > 0:
+            raise BadUpdate(f"weight (num_examples) must be > 0, got {weight}")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                names = _npz_arrays(npz)
+                if len(names) != len(self.model):
+                    raise BadUpdate(f"expected {len(self.model)} arrays, got {len(names)}")
+                for i, name in enumerate(names):
+                    shape = npz[name].shape
+                    if shape != self.model[i].shape:
+                        raise BadUpdate(
+                            f"array {i} has shape {shape}, expected {self.model[i].shape}"
+                        )
+                self.total += weight
+                share = weight / self.total
+                for m, name in zip(self.model, names, strict=True):
+                    a = npz[name].astype(m.dtype, copy=False)  # freshly decoded: ours
+                    a -= m
+                    _fold(m, a, share)
+                    del a
+        except (BadUpdate, MemoryError):
+            raise
+        except (ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
+            raise BadUpdate(f"not a readable npz model: {exc}") from exc
         self.count += 1
 
     def result(self) -> list[np.ndarray]:

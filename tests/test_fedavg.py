@@ -1,0 +1,86 @@
+"""Streamed FedAvg (unit: no Redis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.fedavg import BadUpdate, StreamingMean, load_npz, save_npz
+
+rng = np.random.default_rng(7)
+
+
+def model(shift: float = 0.0, dtype=np.float32) -> list[np.ndarray]:
+    return [(rng.random(10) + shift).astype(dtype), (rng.random((2, 3)) + shift).astype(dtype)]
+
+
+def test_streamed_mean_equals_the_weighted_mean():
+    updates = [(model(i), n) for i, n in enumerate((3, 5, 11, 2))]
+    streamed = StreamingMean()
+    for arrays, n in updates:
+        streamed.add_npz(save_npz(arrays), n)
+    total = sum(n for _, n in updates)
+    for k, got in enumerate(streamed.result()):
+        want = sum(a[k].astype(np.float64) * n for a, n in updates) / total
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert streamed.count == 4
+
+
+def test_integer_models_average_as_float64():
+    mean = StreamingMean()
+    mean.add_npz(save_npz([np.array([1, 2], dtype=np.int64)]), 1)
+    mean.add_npz(save_npz([np.array([2, 4], dtype=np.int64)]), 1)
+    assert mean.result()[0].dtype == np.float64
+    np.testing.assert_array_equal(mean.result()[0], [1.5, 3.0])
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (save_npz([np.zeros(3, dtype=np.float32), np.zeros((2, 3), dtype=np.float32)]), "shape"),
+        (save_npz([np.zeros(10, dtype=np.float32)]), "expected 2 arrays"),
+        (b"not an npz", "not a readable npz"),
+    ],
+)
+def test_a_bad_update_is_rejected_and_changes_nothing(bad, reason):
+    mean = StreamingMean()
+    first = model()
+    mean.add_npz(save_npz(first), 4)
+    with pytest.raises(BadUpdate, match=reason):
+        mean.add_npz(bad, 4)
+    for got, want in zip(mean.result(), first, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (mean.total, mean.count) == (4.0, 1)
+
+
+def test_a_corrupt_last_array_changes_nothing():
+    mean = StreamingMean()
+    first = model()
+    mean.add_npz(save_npz(first), 1)
+    data = bytearray(save_npz(model(1.0)))
+    data[-200] ^= 0xFF  # inside the last member or the directory: the read must fail
+    with pytest.raises(BadUpdate):
+        mean.add_npz(bytes(data), 1)
+    for got, want in zip(mean.result(), first, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_arrays_must_be_named_0_to_n():
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, weights=np.zeros(2))
+    with pytest.raises(BadUpdate, match="named 0"):
+        load_npz(buf.getvalue())
+    mean = StreamingMean()
+    mean.add_npz(save_npz([np.zeros(2)]), 1)
+    with pytest.raises(BadUpdate, match="named 0"):
+        mean.add_npz(buf.getvalue(), 1)
+
+
+def test_weight_must_be_positive():
+    mean = StreamingMean()
+    mean.add_npz(save_npz(model()), 1)
+    with pytest.raises(BadUpdate, match="> 0"):
+        mean.add_npz(save_npz(model()), 0)
