@@ -220,9 +220,20 @@ class ModelStore:
         finally:
             f.close()
 
-    async def get(self, model_id: str) -> bytes:
-        _, chunks = await self.read(model_id)
-        return b"".join([c async for c in chunks])
+    async def get(self, model_id: str) -> bytearray:
+        """The model's bytes, copied chunk by chunk into one buffer of the stored size, so
+        at most one chunk exists beside it (no list of chunks plus a joined copy)."""
+        meta, chunks = await self.read(model_id)
+        buf = bytearray(int(meta.get("size", "0") or 0))
+        pos = 0
+        async for chunk in chunks:
+            end = pos + len(chunk)
+            if end > len(buf):  # the stored size was wrong: grow rather than fail
+                buf.extend(b"\0" * (end - len(buf)))
+            buf[pos:end] = chunk
+            pos = end
+        del buf[pos:]
+        return buf
 
     async def put(self, data: bytes, model_id: str = "", max_bytes: int = 1 << 62) -> str:
         """Store bytes under a new id (uuid4) or the given one; returns the id."""

@@ -19,9 +19,46 @@ class BadUpdate(ValueError):
     """This update cannot be averaged (unreadable, wrong shapes, bad weight)."""
 
 
+class _BufferReader(io.RawIOBase):
+    """A seekable file over a bytes-like object without copying it (io.BytesIO copies a
+    bytearray), so a model-sized buffer is not held twice while its npz is read."""
+
+    def __init__(self, data) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
+def _open(data) -> io.BufferedReader:
+    return io.BufferedReader(_BufferReader(data))
+
+
 def load_npz(data: bytes) -> list[np.ndarray]:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with np.load(_open(data), allow_pickle=False) as npz:
             names = set(npz.files)
             expected = {str(i) for i in range(len(names))}
             if names != expected:
@@ -59,6 +96,11 @@ def _npz_arrays(npz) -> list[str]:
     return [str(i) for i in range(len(names))]
 
 
+def _as_float(a: np.ndarray) -> np.ndarray:
+    """Float arrays keep their dtype; integer ones average as float64."""
+    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
+
+
 def _fold(m: np.ndarray, diff: np.ndarray, share: float) -> None:
     """m += diff * share, in place, reusing diff (no more temporaries)."""
     diff *= m.dtype.type(share)
@@ -75,10 +117,7 @@ class StreamingMean:
         if not weight > 0:
             raise BadUpdate(f"weight (num_examples) must be > 0, got {weight}")
         if self.model is None:
-            self.model = [
-                np.array(a, dtype=a.dtype if np.issubdtype(a.dtype, np.floating) else np.float64)
-                for a in arrays
-            ]
+            self.model = [np.array(_as_float(a)) for a in arrays]  # a copy: not the caller's
             self.total, self.count = float(weight), 1
             return
         if len(arrays) != len(self.model):
@@ -96,14 +135,15 @@ class StreamingMean:
         """Fold an npz update in one array at a time: memory stays at the running mean, the
         update's bytes and one of its arrays. A first pass decodes every array (checking
         shapes and the zip CRCs) without keeping it, so a bad update changes nothing."""
-        if self.model is None:
-            self.add(load_npz(data), weight)
-            return
         if not weight > 0:
             raise BadUpdate(f"weight (num_examples) must be > 0, got {weight}")
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            with np.load(_open(data), allow_pickle=False) as npz:
                 names = _npz_arrays(npz)
+                if self.model is None:  # the first update is the mean: keep its arrays
+                    self.model = [_as_float(npz[name]) for name in names]
+                    self.total, self.count = float(weight), 1
+                    return
                 if len(names) != len(self.model):
                     raise BadUpdate(f"expected {len(self.model)} arrays, got {len(names)}")
                 for i, name in enumerate(names):
