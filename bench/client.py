@@ -16,6 +16,10 @@ result on stdout (``{"event": ...}``), commands from the parent on stdin
   ``open_rate`` a second); ``fanout`` records when each stream's first task arrives;
   ``hold`` keeps them open until ``stop``. Streams the server ended are counted by status.
 * ``pollers``: ``clients`` clients each polling every ``interval`` seconds until ``stop``.
+  ``{"cmd": "measure", "t0": T, "seconds": S}`` opens a measured window from wall-clock
+  ``T`` (default: now) for ``S`` seconds; when it closes, a ``measured`` event carries
+  the polls that started and ended inside it, their latencies (sampled as in ``unary``)
+  and the errors.
 * ``transfer``: time Upload / Download of ``size`` bytes, ``reps`` times.
 """
 
@@ -385,19 +389,45 @@ async def run_pollers(spec: dict, commands: Commands) -> dict:
     polls: list[int] = []
     stop = asyncio.Event()
     errors = 0
+    # the measured window (wall clock) and what it saw
+    window = {"start": float("inf"), "end": float("-inf")}
+    latencies: list[float] = []
+    measured = {"polls": 0, "errors": 0, "seen": 0}
+    error_codes: dict[str, int] = {}
+    rng = random.Random(os.getpid())
+
+    def record(latency: float) -> None:
+        measured["polls"] += 1
+        measured["seen"] += 1
+        if len(latencies) < MAX_LATENCIES:
+            latencies.append(latency)
+        else:
+            j = rng.randrange(measured["seen"])
+            if j < MAX_LATENCIES:
+                latencies[j] = latency
 
     async def client(i: int, stub) -> None:
         nonlocal errors
         cid = f"{prefix}{i}"
         md = metadata(cid)
         request = pb.ActivityReport(node_id=cid)
+        perf, wall = time.perf_counter, time.time
         await asyncio.sleep(random.random() * interval)
         while not stop.is_set():
+            t = wall()
+            a = perf()
             try:
                 await stub.PollAndReport(request, metadata=md)
+                b = perf()
                 polls[i] += 1
-            except grpc.aio.AioRpcError:
+                if t >= window["start"] and wall() <= window["end"]:
+                    record(b - a)
+            except grpc.aio.AioRpcError as exc:
                 errors += 1
+                if window["start"] <= t <= window["end"]:
+                    measured["errors"] += 1
+                    code = exc.code().name
+                    error_codes[code] = error_codes.get(code, 0) + 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
@@ -415,6 +445,22 @@ async def run_pollers(spec: dict, commands: Commands) -> dict:
             await asyncio.sleep(0.1)
         emit("polling", n=n)
 
+    async def measure(start: float, seconds: float) -> None:
+        """Open the window; when it closes, report what it saw."""
+        latencies.clear()
+        measured.update(polls=0, errors=0, seen=0)
+        error_codes.clear()
+        window.update(start=start, end=start + seconds)
+        await asyncio.sleep(max(0.0, window["end"] - time.time()) + 0.01)
+        emit(
+            "measured",
+            polls=measured["polls"],
+            errors=measured["errors"],
+            error_codes=dict(error_codes),
+            seconds=seconds,
+            latencies_us=[int(x * 1e6) for x in latencies],
+        )
+
     reporters = set()
     open_to(spec["clients"])
     reporters.add(asyncio.create_task(report_when_polled(len(tasks))))
@@ -423,6 +469,10 @@ async def run_pollers(spec: dict, commands: Commands) -> dict:
         if cmd["cmd"] == "grow":
             open_to(int(cmd["to"]))
             reporters.add(asyncio.create_task(report_when_polled(len(tasks))))
+            continue
+        if cmd["cmd"] == "measure":
+            start = float(cmd.get("t0") or time.time())
+            reporters.add(asyncio.create_task(measure(start, float(cmd["seconds"]))))
             continue
         break
     for reporter in reporters:

@@ -33,6 +33,11 @@ class Config:
     poll_interval: float
     pollers_per_channel: int
     settle: float  # seconds a replica gets to settle before its RSS is read
+    # pollers: many clients polling at an interval over 2 replicas, latency of each poll
+    pollers_clients: int
+    pollers_interval: float
+    pollers_window: float  # seconds measured once every client is polling
+    pollers_procs: int  # load generator processes the clients are split over
     # round
     round_clients: int
     round_model_bytes: int
@@ -64,6 +69,10 @@ FULL = Config(
     poll_interval=5.0,
     pollers_per_channel=10,
     settle=2.0,
+    pollers_clients=10_000,
+    pollers_interval=5.0,
+    pollers_window=15.0,
+    pollers_procs=4,
     round_clients=100,
     round_model_bytes=10 * MiB,
 )
@@ -89,6 +98,10 @@ QUICK = Config(
     poll_interval=2.0,
     pollers_per_channel=10,
     settle=1.5,
+    pollers_clients=2000,
+    pollers_interval=5.0,
+    pollers_window=10.0,
+    pollers_procs=2,
     round_clients=20,
     round_model_bytes=10 * MiB,
 )
@@ -114,6 +127,10 @@ SMOKE = Config(
     poll_interval=0.5,
     pollers_per_channel=10,
     settle=0.3,
+    pollers_clients=40,
+    pollers_interval=0.5,
+    pollers_window=1.0,
+    pollers_procs=1,
     round_clients=3,
     round_model_bytes=MiB // 4,
 )
@@ -121,3 +138,5 @@ SMOKE = Config(
 # Full-size figures some targets are stated for.
 TARGET_STREAMS = 5000
 TARGET_FANOUT = 5000
+TARGET_POLLERS = 10_000
+TARGET_POLL_INTERVAL = 5.0

@@ -11,7 +11,13 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from bench.config import TARGET_FANOUT, TARGET_STREAMS, Config
+from bench.config import (
+    TARGET_FANOUT,
+    TARGET_POLL_INTERVAL,
+    TARGET_POLLERS,
+    TARGET_STREAMS,
+    Config,
+)
 from bench.procs import ROOT
 
 # (name, scenario, row key pattern, field of the row, comparison, limit)
@@ -24,6 +30,14 @@ TARGETS = [
     ("FedAvg peak ≤ 3 models' worth", "round", "peak_models", "value", "<=", 3.0),
     ("≥ 5000 TaskStreams/replica at ≤ 50 KB each", "memory", "streams", "value", "<=", 50.0),
     ("fanout 5000 over 2 replicas: p99 ≤ 1 s", "fanout", "R=2/p99", "value", "<=", 1.0),
+    (
+        "10000 pollers every 5 s over 2 replicas: p99 ≤ 250 ms",
+        "pollers",
+        "R=2/p99",
+        "value",
+        "<=",
+        250.0,
+    ),
 ]
 
 
@@ -54,6 +68,13 @@ def evaluate(results: dict, cfg: Config) -> list[dict]:
                 note = f"at {cfg.memory_streams} streams; the target is for {TARGET_STREAMS}"
             if scenario == "fanout" and cfg.fanout_clients < TARGET_FANOUT:
                 note = f"at {cfg.fanout_clients} clients; the target is for {TARGET_FANOUT}"
+            if scenario == "pollers" and (
+                cfg.pollers_clients < TARGET_POLLERS or cfg.pollers_interval != TARGET_POLL_INTERVAL
+            ):
+                note = (
+                    f"at {cfg.pollers_clients} clients every {cfg.pollers_interval:g} s; the "
+                    f"target is for {TARGET_POLLERS} every {TARGET_POLL_INTERVAL:g} s"
+                )
             out.append(
                 {
                     "target": name,

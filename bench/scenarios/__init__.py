@@ -1,7 +1,7 @@
 """One module per scenario; each has ``async def run(bench) -> dict`` returning
 ``{"rows": [...], "details": {...}}`` (rows: figures with their same-run baselines)."""
 
-from bench.scenarios import fanout, ingest, memory, poll, round, transfer
+from bench.scenarios import fanout, ingest, memory, poll, pollers, round, transfer
 
 SCENARIOS = {
     "poll": poll.run,
@@ -9,5 +9,6 @@ SCENARIOS = {
     "fanout": fanout.run,
     "transfer": transfer.run,
     "memory": memory.run,
+    "pollers": pollers.run,
     "round": round.run,
 }
