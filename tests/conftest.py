@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import grpc
@@ -69,3 +70,18 @@ async def stubs(replica):
 def meta(client_id: str = "c1", name: str = "") -> tuple:
     """The metadata the 1.0.0 client sends on every RPC (protocol.md §1)."""
     return (("client", client_id), ("client-id", client_id), ("name", name or client_id))
+
+
+@contextlib.asynccontextmanager
+async def replica_at(url: str, prefix: str = "", pool_size: int = 16, **opts):
+    """A replica (real gRPC over loopback) on the Redis at url, and stubs to it; for tests
+    that need a Redis of their own (faults, connection counts)."""
+    prefix = prefix or f"t{uuid.uuid4().hex[:10]}"
+    b = await connect(url, settings=Settings(prefix=prefix), pool_size=pool_size)
+    replica = Replica(b, ServeOptions(port=0, **opts))
+    await replica.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            yield replica, Stubs(channel)
+    finally:
+        await replica.stop(grace=0)

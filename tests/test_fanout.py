@@ -6,7 +6,6 @@ without losing a task."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from urllib.parse import urlparse
 
@@ -14,28 +13,13 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from broker import connect
-from broker.context import Settings
 from broker.embedded import free_port
 from combiner.pb import scaleout_pb2 as pb
-from combiner.server import Replica, ServeOptions
-from tests.conftest import Stubs, meta
+from tests.conftest import Stubs, meta, replica_at
 from tests.services import RedisServer, eventually
 
 POOL_SIZE = 16  # broker.make_client's default: what a `combiner serve` replica gets
 DETECT_WITHIN = 5.0  # seconds: a dead pub/sub connection must be noticed and replaced
-
-
-@contextlib.asynccontextmanager
-async def replica_at(url: str, prefix: str, **opts):
-    broker = await connect(url, settings=Settings(prefix=prefix), pool_size=POOL_SIZE)
-    replica = Replica(broker, ServeOptions(port=0, **opts))
-    await replica.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
-            yield replica, Stubs(channel)
-    finally:
-        await replica.stop(grace=0)
 
 
 def open_stream(stubs: Stubs, client_id: str):
@@ -85,7 +69,7 @@ async def connections(observer) -> tuple[int, int]:
 
 async def test_redis_connections_stay_constant_from_10_to_300_streams(private_redis, prefix):
     server, observer = private_redis
-    async with replica_at(server.url, prefix) as (replica, stubs):
+    async with replica_at(server.url, prefix, POOL_SIZE) as (replica, stubs):
         calls = []
         seen = []
         for target in (10, 300):
@@ -110,7 +94,7 @@ async def test_redis_connections_stay_constant_from_10_to_300_streams(private_re
 
 async def test_killed_pubsub_connection_is_replaced_within_5s(private_redis, prefix):
     server, observer = private_redis
-    async with replica_at(server.url, prefix) as (replica, stubs):
+    async with replica_at(server.url, prefix, POOL_SIZE) as (replica, stubs):
         call = open_stream(stubs, "c1")
         await streams_ready(replica, 1)
         first = await replica.broker.tasks.push("c1", "Custom_x")
@@ -206,7 +190,7 @@ async def test_silently_dead_pubsub_connection_is_detected_within_5s(redis_url, 
     proxy = FreezableProxy(redis_url)
     await proxy.start()
     try:
-        async with replica_at(proxy.url, prefix) as (replica, stubs):
+        async with replica_at(proxy.url, prefix, POOL_SIZE) as (replica, stubs):
             call = open_stream(stubs, "c1")
             await streams_ready(replica, 1)
             first = await broker.tasks.push("c1", "Custom_x")

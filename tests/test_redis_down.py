@@ -6,35 +6,16 @@ kills the 1.0.0 client), the replica recovers by itself when Redis is back, and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-import uuid
 
 import grpc
 import pytest
 
-from broker import connect
-from broker.context import Settings
 from combiner.pb import scaleout_pb2 as pb
-from combiner.server import Replica, ServeOptions
-from tests.conftest import Stubs, meta
+from tests.conftest import meta, replica_at
 from tests.services import RedisServer
 
 RPC_DEADLINE = 60  # seconds; far above the retry budget, only so a hang fails the test
-
-
-@contextlib.asynccontextmanager
-async def replica_on(server: RedisServer, **opts):
-    """A replica (real gRPC over loopback) on its own Redis server, and stubs to it."""
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    broker = await connect(server.url, settings=Settings(prefix=prefix))
-    replica = Replica(broker, ServeOptions(port=0, **opts))
-    await replica.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
-            yield replica, Stubs(channel)
-    finally:
-        await replica.stop(grace=0)
 
 
 @pytest.fixture
@@ -87,7 +68,7 @@ async def until_ok(call, within: float = 30.0):
 
 
 async def test_redis_down_gives_failed_precondition_then_recovers(redis_server):
-    async with replica_on(redis_server) as (replica, stubs):
+    async with replica_at(redis_server.url) as (replica, stubs):
         corr = await replica.broker.tasks.push("c1", "Fedn_Validation", model_id="m")
         assert (await poll(stubs)).correlation_id == corr
         await send_metric(stubs)
@@ -124,7 +105,7 @@ async def test_redis_down_gives_failed_precondition_then_recovers(redis_server):
 
 
 async def test_streams_and_pubsub_come_back_after_a_restart(redis_server):
-    async with replica_on(redis_server) as (replica, stubs):
+    async with replica_at(redis_server.url) as (replica, stubs):
         subscribed = replica.broker.wakeups.resubscribes
         redis_server.kill()
         redis_server.start()
@@ -149,7 +130,7 @@ async def test_streams_and_pubsub_come_back_after_a_restart(redis_server):
 
 
 async def test_acknowledged_metric_survives_sigkill_with_appendfsync_always(aof_server):
-    async with replica_on(aof_server) as (replica, stubs):
+    async with replica_at(aof_server.url) as (replica, stubs):
         await send_metric(stubs, 0.5)  # OK: it is in Redis and, with fsync always, on disk
         aof_server.kill()  # SIGKILL right after the OK
         aof_server.start()  # same port and data folder: the AOF is replayed
