@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 
@@ -85,3 +86,19 @@ async def replica_at(url: str, prefix: str = "", pool_size: int = 16, **opts):
             yield replica, Stubs(channel)
     finally:
         await replica.stop(grace=0)
+
+
+async def next_task(call, within: float = 10.0):
+    """The next real task on a TaskStream (keepalives skipped), or fail after within s."""
+
+    async def read():
+        while True:
+            msg = await call.read()
+            assert msg is not grpc.aio.EOF, "the stream ended"
+            if msg.correlation_id:
+                return msg
+
+    try:
+        return await asyncio.wait_for(read(), within)
+    except TimeoutError:
+        raise AssertionError(f"no task on the stream within {within}s") from None

@@ -29,7 +29,7 @@ from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from combiner.refclient import ReferenceClient
 from combiner.views import session_view
 from tests.cluster import Cluster
-from tests.conftest import meta
+from tests.conftest import meta, next_task
 from tests.services import eventually, wait_for
 from tests.test_session import SEED, expected_after, trainer
 from workers.fedavg import load_npz, save_npz
@@ -615,24 +615,13 @@ async def test_stream_tasks_a_dead_replica_took_are_handed_to_the_next_stream(br
     async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
         stub = pb_grpc.CombinerClientStub(channel)
         call = stub.TaskStream(pb.ClientAvailableMessage(client_id="c1"), metadata=meta("c1"))
-        first = await _next_streamed(call)
+        first = await next_task(call)
         assert first.correlation_id == lost
         later = await broker.tasks.push("c1", "Fedn_Validation", model_id="m")
-        assert (await _next_streamed(call)).correlation_id == later  # nothing else came back
+        assert (await next_task(call)).correlation_id == later  # nothing else came back
         call.cancel()
     records = await broker.tasks.records({c: "c1" for c in (lost, answered, timed_out, later)})
     assert (records[lost]["state"], records[lost]["attempts"]) == ("delivered", "2")
     assert records[answered]["attempts"] == "1" and records[answered]["result_at"]
     assert (records[timed_out]["attempts"], records[timed_out]["flag"]) == ("1", "timeout")
     assert records[later]["attempts"] == "1"
-
-
-async def _next_streamed(call, within: float = 10.0) -> pb.TaskRequest:
-    async def read():
-        while True:
-            msg = await call.read()
-            assert msg is not grpc.aio.EOF, "the stream ended"
-            if msg.correlation_id:
-                return msg
-
-    return await asyncio.wait_for(read(), within)

@@ -9,13 +9,12 @@ import asyncio
 import time
 from urllib.parse import urlparse
 
-import grpc
 import pytest
 import redis.asyncio as aioredis
 
 from broker.embedded import free_port
 from combiner.pb import scaleout_pb2 as pb
-from tests.conftest import Stubs, meta, replica_at
+from tests.conftest import Stubs, meta, next_task, replica_at
 from tests.services import RedisServer, eventually
 
 POOL_SIZE = 16  # broker.make_client's default: what a `combiner serve` replica gets
@@ -26,20 +25,6 @@ def open_stream(stubs: Stubs, client_id: str):
     return stubs.combiner.TaskStream(
         pb.ClientAvailableMessage(client_id=client_id), metadata=meta(client_id)
     )
-
-
-async def next_task(call, within: float = 10.0) -> pb.TaskRequest:
-    async def read():
-        while True:
-            msg = await call.read()
-            assert msg is not grpc.aio.EOF, "the stream ended"
-            if msg.correlation_id:
-                return msg
-
-    try:
-        return await asyncio.wait_for(read(), within)
-    except TimeoutError:
-        raise AssertionError(f"no task on the stream within {within}s") from None
 
 
 async def streams_ready(replica, n: int) -> None:

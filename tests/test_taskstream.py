@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import grpc
 import pytest
 
 from combiner.pb import scaleout_pb2 as pb
-from tests.conftest import Stubs, meta
+from tests.conftest import Stubs, meta, next_task
 from tests.services import eventually
 
 
@@ -20,22 +19,6 @@ def open_stream(stubs, client_id: str = "c1"):
     return stubs.combiner.TaskStream(
         pb.ClientAvailableMessage(client_id=client_id), metadata=meta(client_id)
     )
-
-
-async def next_task(call, within: float = 10.0) -> pb.TaskRequest:
-    """The next real task on a stream (keepalives skipped), or fail after a deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no task on the stream within {within}s")
-        try:
-            msg = await asyncio.wait_for(call.read(), left)
-        except TimeoutError:
-            raise AssertionError(f"no task on the stream within {within}s") from None
-        assert msg is not grpc.aio.EOF, "the stream ended"
-        if msg.correlation_id:
-            return msg
 
 
 async def stream_ready(replica, client_id: str = "c1") -> None:
