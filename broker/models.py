@@ -186,11 +186,15 @@ class ModelStore:
     async def read(self, model_id: str) -> tuple[dict[str, str], AsyncIterator[bytes]]:
         """The meta and an iterator over the bytes in chunks of at most 1 MiB."""
         meta = await self.ready_meta(model_id)
+        return meta, self.chunks(model_id, meta)
+
+    def chunks(self, model_id: str, meta: dict[str, str]) -> AsyncIterator[bytes]:
+        """The bytes of a model whose meta ``ready_meta`` returned, in chunks of <= 1 MiB."""
         if meta.get("store") == "disk":
             if self.directory is None:
                 raise NotReady(f"model {model_id!r} is on disk; this process has no --model-dir")
-            return meta, self._read_file(self.directory / model_id)
-        return meta, self._read_chunks(model_id, int(meta.get("chunks", 0)))
+            return self._read_file(self.directory / model_id)
+        return self._read_chunks(model_id, int(meta.get("chunks", 0)))
 
     async def _read_chunks(self, model_id: str, count: int) -> AsyncIterator[bytes]:
         key = self.ctx.keys.model_chunks(model_id)

@@ -152,6 +152,14 @@ def main() -> None:
     help="Largest model an Upload may carry (bigger: RESOURCE_EXHAUSTED).",
 )
 @option(
+    "--model-cache-mb",
+    default=256,
+    type=click.IntRange(0),
+    help="MiB of memory for models this replica serves often (the global model of a "
+    "round): read from the store once, then every Download streams from memory. Models "
+    "over half of it are streamed from the store. 0: off.",
+)
+@option(
     "--drain-timeout",
     default=10.0,
     type=click.FloatRange(0),
@@ -191,6 +199,7 @@ async def serve(**kw) -> None:
         host=kw["host"],
         port=kw["port"],
         max_model_bytes=kw["max_model_bytes"],
+        model_cache_bytes=kw["model_cache_mb"] << 20,
         drain_timeout=kw["drain_timeout"],
         drain_delay=kw["drain_delay"],
         stream_keepalive=kw["stream_keepalive"],

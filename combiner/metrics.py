@@ -20,6 +20,14 @@ REDIS_BATCHED_CALLS = Gauge(
     "combiner_redis_batched_calls_total", "Broker calls that went through the batcher so far"
 )
 
+MODEL_CACHE_DOWNLOADS = Counter(
+    "combiner_model_cache_downloads_total",
+    "Downloads by how the model cache served them: hit, miss (read once from the store "
+    "into the cache), bypass (larger than half the cache, streamed from the store)",
+    ["result"],
+)
+MODEL_CACHE_BYTES = Gauge("combiner_model_cache_bytes", "Model bytes held in the model cache")
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on host:port (a background thread)."""

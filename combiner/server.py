@@ -29,6 +29,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 12080
     max_model_bytes: int = 1 << 30
+    model_cache_bytes: int = 256 << 20
     drain_timeout: float = 10.0
     drain_delay: float = 0.0  # keep serving this long after NOT_SERVING (let the LB notice)
     stream_keepalive: float = 15.0
@@ -63,7 +64,9 @@ class Replica:
         self.opts = opts
         self.server = grpc.aio.server(options=grpc_options(opts))
         self.combiner = servicer.CombinerServicer(broker, opts.stream_keepalive)
-        self.models = model_service.ModelServicer(broker, opts.max_model_bytes)
+        self.models = model_service.ModelServicer(
+            broker, opts.max_model_bytes, opts.model_cache_bytes
+        )
         servicer.add_to_server(self.combiner, self.server)
         model_service.add_to_server(self.models, self.server)
         self.health = health.aio.HealthServicer()
@@ -140,6 +143,7 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
         await self.server.stop(grace)
+        await self.models.cache.close()
         with contextlib.suppress(Exception):
             await self.broker.ctx.call(self._deregister)
         await self.broker.close()
