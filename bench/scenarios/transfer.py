@@ -40,22 +40,29 @@ def mib_s(result: dict) -> float:
 async def run(bench: Bench) -> dict:
     cfg = bench.cfg
     models = bench.workdir / "models"
-    bare, r1, disk = await bench.deploy(
-        ("bare", 0), ("r1", 1), ("disk", 1, "--model-store", "disk", "--model-dir", str(models))
+    disk = ("--model-store", "disk", "--model-dir", str(models))
+    no_cache = ("--model-cache-mb", "0")
+    bare, r1, r1_cold, d1, d1_cold = await bench.deploy(
+        ("bare", 0),
+        ("r1", 1),
+        ("r1-nocache", 1, *no_cache),
+        ("disk", 1, *disk),
+        ("disk-nocache", 1, *disk, *no_cache),
     )
     runs: dict[str, dict] = {}
     rows = []
     for size in cfg.transfer_sizes:
         label = f"{size // MiB} MiB"
+        # Downloads are quick and noisy: about 200 MiB moved per measurement, median counts.
+        downloads = max(cfg.transfer_reps, min(20, 200 * MiB // size))
         base = {}
         for chunk_name, chunk in CHUNKS.items():
             spec = {"op": "upload", "size": size, "chunk": chunk, "model_prefix": "bare"}
             base[f"upload {chunk_name}"] = await transfer(bench, bare, spec)
-        spec = {"op": "download", "size": size, "model_id": f"bare-{size}"}
-        await transfer(bench, bare, {**spec, "reps": 1})  # the bare server makes the bytes
+        spec = {"op": "download", "size": size, "model_id": f"bare-{size}", "reps": downloads}
         base["download"] = await transfer(bench, bare, spec)
         runs[f"{label} bare"] = base
-        for store, dep in (("redis", r1), ("disk", disk)):
+        for store, dep, cold in (("redis", r1, r1_cold), ("disk", d1, d1_cold)):
             mine = {}
             for chunk_name, chunk in CHUNKS.items():
                 spec = {
@@ -66,12 +73,24 @@ async def run(bench: Bench) -> dict:
                 }
                 mine[f"upload {chunk_name}"] = await transfer(bench, dep, spec)
             model_id = mine["upload 1MiB"]["ids"][0]
-            spec = {"op": "download", "size": size, "model_id": model_id}
+            # With the model cache (the default) the untimed first Download reads the store
+            # and the timed ones stream from memory. The cold path (every Download reads the
+            # store) is measured on a replica of its own with the cache off.
+            spec = {"op": "download", "size": size, "model_id": model_id, "reps": downloads}
             mine["download"] = await transfer(bench, dep, spec)
+            up = {"op": "upload", "size": size, "reps": 1, "model_prefix": f"cold-{size}"}
+            cold_id = (await transfer(bench, cold, up))["ids"][0]
+            spec = {"op": "download", "size": size, "model_id": cold_id, "reps": downloads}
+            mine["download uncached"] = await transfer(bench, cold, spec)
             runs[f"{label} {store}"] = mine
-            for op in ("upload 1MiB", "upload 32KiB", "download"):
-                case = f"{label} {store} store"
-                what = "Download 1MiB" if op == "download" else f"Upload {op.split()[1]}"
+            case = f"{label} {store} store"
+            for op, what in (
+                ("upload 1MiB", "Upload 1MiB"),
+                ("upload 32KiB", "Upload 32KiB"),
+                ("download", "Download 1MiB"),
+                ("download uncached", "Download 1MiB, cache off"),
+            ):
+                base_op = op.split()[0] if op.startswith("download") else op
                 rows.append(
                     row(
                         case,
@@ -79,23 +98,25 @@ async def run(bench: Bench) -> dict:
                         "MiB/s",
                         mib_s(mine[op]),
                         "bare from memory",
-                        mib_s(base[op]),
+                        mib_s(base[base_op]),
                         key=f"{label}/{store}/{op}",
                     )
                 )
-            rows.append(
-                row(
-                    f"{label} {store} store",
-                    "Download server CPU",
-                    "s/GiB",
-                    mine["download"]["server_cpu_s_per_gib"],
-                    "bare from memory",
-                    base["download"]["server_cpu_s_per_gib"],
-                    "lower",
-                    redis_cpu_s_per_gib=mine["download"]["redis_cpu_s_per_gib"],
+            for op, what in (("download", ""), ("download uncached", ", cache off")):
+                rows.append(
+                    row(
+                        case,
+                        f"Download server CPU{what}",
+                        "s/GiB",
+                        mine[op]["server_cpu_s_per_gib"],
+                        "bare from memory",
+                        base["download"]["server_cpu_s_per_gib"],
+                        "lower",
+                        redis_cpu_s_per_gib=mine[op]["redis_cpu_s_per_gib"],
+                    )
                 )
-            )
-            await bench.clear(dep.prefix)
+            for d in (dep, cold):
+                await bench.clear(d.prefix)
     for f in models.glob("*"):
         f.unlink(missing_ok=True)
     return {
