@@ -47,17 +47,29 @@ class Batcher:
         self.calls = 0
 
     async def submit(self, build: Build) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((build, fut))
-        self.calls += 1
-        if len(self._pending) % self._max_batch == 0:
-            self._spawn()
-        elif len(self._pending) == 1:
+        fut = self._enqueue(build)
+        if len(self._pending) == 1:
             if self._window:
                 asyncio.get_running_loop().call_later(self._window, self._spawn)
             else:
                 self._spawn()
         return await fut
+
+    def submit_many(self, builds: list[Build]) -> list[asyncio.Future]:
+        """Queue many calls at once, with no coroutine per call and no window to wait
+        for (the batch is already here); await the returned futures."""
+        futures = [self._enqueue(build) for build in builds]
+        if self._pending:
+            self._spawn()
+        return futures
+
+    def _enqueue(self, build: Build) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((build, fut))
+        self.calls += 1
+        if len(self._pending) % self._max_batch == 0:
+            self._spawn()
+        return fut
 
     async def flush(self) -> None:
         """Wait until every submitted call has been sent (before closing the client)."""

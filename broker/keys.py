@@ -28,7 +28,8 @@ P:in:KIND                          stream  inbound messages (updates, validation
 P:model:M                          hash    model meta: state, size, sha256, store, chunks
 P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)
 P:model:M:upload:U                 list    chunks of an upload in progress (expires)
-P:wake:C                           pubsub  wake-up for client C's TaskStream
+P:wake                             pubsub  wake-ups for TaskStreams: encoded client ids,
+                                           one per line, whose queues got tasks
 P:sessions                         zset    session id -> created (unix seconds)
 P:session:S                        hash    session: status, config, current round,
                                            model_id, seed_model_id, error, driver
@@ -135,8 +136,9 @@ class Keys:
     def model_upload(self, model_id: str, upload_id: str) -> str:
         return f"{self.model(model_id)}:upload:{upload_id}"
 
-    def wake(self, client_id: str) -> str:
-        return f"{self.prefix}:wake:{encode_id(client_id)}"
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}:wake"
 
     # sessions and rounds
     @property
@@ -166,6 +168,9 @@ class Keys:
     def client_records(self, client_id: str, kind: str) -> str:
         return f"{self.client_tag(client_id)}:rec:{kind}"
 
-    def wake_pattern_client(self, channel: str) -> str:
-        """The client id a wake channel belongs to."""
-        return decode_id(channel[len(f"{self.prefix}:wake:") :])
+    @staticmethod
+    def woken_clients(message: bytes | str) -> list[str]:
+        """The client ids a wake-up message names (push.lua joins them with newlines;
+        encoded ids hold no newline)."""
+        text = message.decode() if isinstance(message, bytes) else message
+        return [decode_id(enc) for enc in text.split("\n") if enc]

@@ -7,10 +7,12 @@ attempt even when several replicas serve the same client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
 
+from broker.batching import Build
 from broker.context import Context, now_str, text, text_map
 from broker.errors import Conflict, InvalidInput
 from broker.keys import encode_id
@@ -18,6 +20,7 @@ from broker.keys import encode_id
 TASK_TYPES = ("Fedn_ModelUpdate", "Fedn_Validation", "Fedn_Prediction")
 FINAL_STATES = ("completed", "failed", "interrupted", "cancelled", "timeout", "lost")
 # Fields of a TaskRequest, in the order the Lua scripts return them.
+PUSH_PER_CALL = 200  # tasks per push.lua call
 WIRE_FIELDS = ("correlation_id", "type", "model_id", "data", "session_id", "round_id", "timestamp")
 
 
@@ -51,6 +54,27 @@ def validate_task_type(task_type: str) -> None:
     )
 
 
+def _task_data(task_type: str, data: str, session_id: str, round_id: str) -> str:
+    """The task's data as the client needs it; raises InvalidInput for what it would fail."""
+    validate_task_type(task_type)
+    if task_type == "Fedn_ModelUpdate" or task_type.startswith("Custom_"):
+        # The client fails a training task whose data is not a JSON object (§4.3).
+        try:
+            parsed = json.loads(data) if data else {}
+        except ValueError as exc:
+            raise InvalidInput(f"task data must be a JSON object: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise InvalidInput("task data must be a JSON object")
+        if task_type == "Fedn_ModelUpdate":
+            parsed.setdefault("client_settings", {})
+            if session_id:
+                parsed.setdefault("session_id", session_id)
+            if round_id:
+                parsed.setdefault("round_id", round_id)
+            data = json.dumps(parsed)
+    return data
+
+
 def _task_from(values: list, client_id: str) -> Task:
     return Task(
         client_id=client_id, **{k: text(v) for k, v in zip(WIRE_FIELDS, values, strict=True)}
@@ -74,51 +98,77 @@ class TaskQueues:
         correlation_id: str = "",
     ) -> str:
         """Queue one task for one client and wake its TaskStream; returns the correlation id."""
-        if not client_id:
-            raise InvalidInput("client id must not be empty")
-        validate_task_type(task_type)
-        if task_type == "Fedn_ModelUpdate" or task_type.startswith("Custom_"):
-            # The client fails a training task whose data is not a JSON object (§4.3).
-            try:
-                parsed = json.loads(data) if data else {}
-            except ValueError as exc:
-                raise InvalidInput(f"task data must be a JSON object: {exc}") from exc
-            if not isinstance(parsed, dict):
-                raise InvalidInput("task data must be a JSON object")
-            if task_type == "Fedn_ModelUpdate":
-                parsed.setdefault("client_settings", {})
-                if session_id:
-                    parsed.setdefault("session_id", session_id)
-                if round_id:
-                    parsed.setdefault("round_id", round_id)
-                data = json.dumps(parsed)
         correlation_id = correlation_id or str(uuid.uuid4())
-        keys, ttl = self._ctx.keys, self._ctx.settings.task_ttl
-        fields = {
-            "correlation_id": correlation_id,
-            "client_id": client_id,
+        [build] = self._push_calls(
+            [client_id], [correlation_id], task_type, model_id, data, session_id, round_id
+        )
+        ok = await self._ctx.batcher.submit(build)
+        if not ok[0][0]:
+            raise Conflict(f"correlation id {correlation_id!r} is already in use")
+        return correlation_id
+
+    async def push_many(
+        self,
+        client_ids: list[str],
+        task_type: str,
+        *,
+        model_id: str = "",
+        data: str = "",
+        session_id: str = "",
+        round_id: str = "",
+        correlation_ids: list[str] | None = None,
+    ) -> list[str | None]:
+        """The same task for many clients (a round's fan-out) in few round trips. Returns
+        each task's correlation id, None where that id was already in use (pushed before).
+        Bad input raises before anything is written."""
+        corrs = correlation_ids or [str(uuid.uuid4()) for _ in client_ids]
+        if len(corrs) != len(client_ids):
+            raise InvalidInput("one correlation id per client")
+        builds = self._push_calls(
+            client_ids, corrs, task_type, model_id, data, session_id, round_id
+        )
+        replies = await asyncio.gather(
+            *self._ctx.batcher.submit_many(builds), return_exceptions=True
+        )
+        queued = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+            queued += reply[0]
+        return [corr if ok else None for corr, ok in zip(corrs, queued, strict=True)]
+
+    def _push_calls(
+        self, client_ids, corrs, task_type, model_id, data, session_id, round_id
+    ) -> list[Build]:
+        """push.lua calls of up to PUSH_PER_CALL tasks each (a script blocks Redis while
+        it runs: a few ms at most)."""
+        data = _task_data(task_type, data, session_id, round_id)
+        if not all(client_ids):
+            raise InvalidInput("client id must not be empty")
+        keys, now = self._ctx.keys, now_str()
+        shared = {
             "type": task_type,
             "model_id": model_id,
             "data": data,
             "session_id": session_id,
             "round_id": round_id,
-            "timestamp": now_str(),
-            "created_at": now_str(),
+            "timestamp": now,
+            "created_at": now,
         }
-        args = [encode_id(correlation_id), ttl, keys.wake(client_id)]
-        for k, v in fields.items():
-            args += [k, v]
-        task_keys = [
-            keys.task(client_id, correlation_id),
-            keys.queue(client_id),
-            keys.taskref(correlation_id),
-        ]
-        ok = await self._ctx.batcher.submit(
-            lambda pipe: self._ctx.scripts.call(pipe, "push", task_keys, args)
-        )
-        if not ok[0]:
-            raise Conflict(f"correlation id {correlation_id!r} is already in use")
-        return correlation_id
+        head = [self._ctx.settings.task_ttl, keys.wake, 2 * len(shared)]
+        for k, v in shared.items():
+            head += [k, v]
+        pairs = list(zip(client_ids, corrs, strict=True))
+        builds = []
+        for start in range(0, len(pairs), PUSH_PER_CALL):
+            task_keys, args = [], list(head)
+            for client, corr in pairs[start : start + PUSH_PER_CALL]:
+                task_keys += [keys.task(client, corr), keys.queue(client), keys.taskref(corr)]
+                args += [encode_id(corr), encode_id(client), corr, client]
+            builds.append(
+                lambda pipe, k=task_keys, a=args: self._ctx.scripts.call(pipe, "push", k, a)
+            )
+        return builds
 
     async def poll(
         self,

@@ -1,9 +1,11 @@
 """Pub/sub wake-ups for TaskStreams: one connection per replica, whatever the client count.
 
-A replica PSUBSCRIBEs once to ``P:wake:*`` and routes each message to the streams it holds
-for that client. Pub/sub is fire-and-forget, so it only ever says "look at the queue": the
-queue in Redis is the truth. After every (re)subscribe all local streams are woken to read
-their queues again, so a message lost while the connection was down loses no task.
+A replica SUBSCRIBEs once to ``P:wake`` and routes each message (the encoded ids of the
+clients whose queues got tasks, one per line: one message per push.lua call, so a round's
+fan-out to 5000 clients is 25 messages) to the streams it holds for those clients.
+Pub/sub is fire-and-forget, so it only ever says "look at the queue": the queue in Redis
+is the truth. After every (re)subscribe all local streams are woken to read their queues
+again, so a message lost while the connection was down loses no task.
 
 redis-py's asyncio pub/sub does not reconnect by itself and a silently dead TCP connection
 can look idle forever, so the connection is probed with PING every second and replaced when
@@ -76,15 +78,14 @@ class Wakeups:
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
 
     async def _run(self) -> None:
-        keys = self._ctx.keys
-        pattern = keys.wake("*").replace("%2A", "*")
+        channel = self._ctx.keys.wake
         while True:
             try:
                 self._pubsub = self._ctx.redis.pubsub()
-                await self._pubsub.psubscribe(pattern)
+                await self._pubsub.subscribe(channel)
                 self.resubscribes += 1
                 self.connected.set()
-                log.info("wake-up subscription %s (#%d)", pattern, self.resubscribes)
+                log.info("wake-up subscription %s (#%d)", channel, self.resubscribes)
                 self.wake_all()  # recover whatever was pushed while we were not listening
                 await self._listen()
             except asyncio.CancelledError:
@@ -111,7 +112,8 @@ class Wakeups:
             if msg is None:
                 continue
             kind = text(msg.get("type"))
-            if kind == "pmessage":
-                self._wake(self._ctx.keys.wake_pattern_client(text(msg["channel"])))
-            elif kind == "pong" or (kind == "message" and text(msg.get("data")) == "PONG"):
+            if kind == "message":
+                for client_id in self._ctx.keys.woken_clients(msg["data"]):
+                    self._wake(client_id)
+            elif kind == "pong":
                 last_pong = time.monotonic()

@@ -105,7 +105,7 @@ async def test_killed_pubsub_connection_is_replaced_within_5s(private_redis, pre
 
 class FreezableProxy:
     """A TCP proxy between a replica and Redis. ``freeze_pubsub()`` turns the connection
-    that carried PSUBSCRIBE silent in both directions without closing it (bytes are read
+    that carried SUBSCRIBE silent in both directions without closing it (bytes are read
     and dropped, like a black-holed TCP path), which neither side can tell from an idle
     connection. New connections are forwarded normally (the path was re-routed)."""
 
@@ -137,7 +137,7 @@ class FreezableProxy:
     async def _pump(self, link, src, dst, upward: bool) -> None:
         try:
             while data := await src.read(65536):
-                if upward and b"PSUBSCRIBE" in data.upper():
+                if upward and b"SUBSCRIBE" in data.upper():
                     link["pubsub"] = True
                 if link["frozen"]:
                     continue  # silently dropped

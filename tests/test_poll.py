@@ -7,6 +7,7 @@ import json
 import grpc
 import pytest
 
+from broker import InvalidInput
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta
 
@@ -107,6 +108,47 @@ async def test_two_tasks_to_two_clients_stay_apart(stubs, broker):
     r2 = await stubs.combiner.PollAndReport(pb.ActivityReport(node_id="c2"), metadata=meta("c2"))
     r1 = await poll(stubs, status="")
     assert (r1.correlation_id, r2.correlation_id) == (a, b)
+
+
+async def test_push_many_queues_one_task_per_client_in_few_round_trips(stubs, broker):
+    clients = [f"c{i}" for i in range(2500)]
+    trips = broker.batcher.round_trips
+    corrs = await broker.tasks.push_many(
+        clients, "Fedn_ModelUpdate", model_id="m", session_id="s", round_id="2"
+    )
+    assert broker.batcher.round_trips - trips <= 3  # 1000 script calls per pipeline
+    assert len(set(corrs)) == len(clients) and None not in corrs
+    for client in ("c0", "c1234", "c2499"):
+        task = await stubs.combiner.PollAndReport(
+            pb.ActivityReport(node_id=client), metadata=meta(client)
+        )
+        assert task.correlation_id == corrs[clients.index(client)]
+        assert task.client_id == client and task.model_id == "m" and task.round_id == "2"
+        assert json.loads(task.data)["session_id"] == "s"
+
+
+async def test_push_many_again_with_the_same_ids_pushes_nothing_twice(stubs, broker):
+    first = await broker.tasks.push_many(
+        ["c1", "c2"], "Fedn_Validation", correlation_ids=["a", "b"]
+    )
+    assert first == ["a", "b"]
+    again = await broker.tasks.push_many(
+        ["c1", "c2", "c3"], "Fedn_Validation", correlation_ids=["a", "b", "c"]
+    )
+    assert again == [None, None, "c"]
+    assert (await poll(stubs, status="")).correlation_id == "a"
+    assert await poll(stubs, status="COMPLETED", correlation_id="a", done=True) == pb.TaskRequest()
+
+
+@pytest.mark.parametrize(
+    "clients, kind, data",
+    [(["c1", ""], "Custom_x", "{}"), (["c1"], "Custom_x", "[1]"), (["c1"], "Nope", "")],
+    ids=["empty-client-id", "data-not-an-object", "unknown-type"],
+)
+async def test_push_many_bad_input_writes_nothing(broker, clients, kind, data):
+    with pytest.raises(InvalidInput):
+        await broker.tasks.push_many(clients, kind, data=data)
+    assert await broker.redis.keys(f"{broker.keys.prefix}:*") == []
 
 
 async def test_client_id_from_metadata_when_body_is_empty(stubs, broker):

@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 
-from broker import Broker, BrokerError, BrokerUnavailable, Conflict
+from broker import Broker, BrokerError, BrokerUnavailable
 from broker.tasks import FINAL_STATES
 from workers.fedavg import BadUpdate, StreamingMean, release_large_buffers, save_npz
 from workers.metrics import ROUND_SECONDS, ROUNDS
@@ -242,19 +242,16 @@ class Coordinator:
         log.info("session %s round %s: %d training tasks pushed", session_id, round_id, len(tasks))
 
     async def _push(self, tasks, task_type, model_id, data, session_id, round_id) -> None:
-        for corr, client in tasks.items():
-            try:
-                await self.broker.tasks.push(
-                    client,
-                    task_type,
-                    model_id=model_id,
-                    data=data,
-                    session_id=session_id,
-                    round_id=round_id,
-                    correlation_id=corr,
-                )
-            except Conflict:
-                pass  # pushed by an earlier attempt at this round
+        # Ids an earlier attempt at this round already pushed come back as None: skipped.
+        await self.broker.tasks.push_many(
+            list(tasks.values()),
+            task_type,
+            model_id=model_id,
+            data=data,
+            session_id=session_id,
+            round_id=round_id,
+            correlation_ids=list(tasks),
+        )
 
     async def collect(self, tasks: dict[str, str], deadline: float) -> None:
         """Wait until each task has settled; time out the rest at the deadline."""

@@ -47,9 +47,9 @@ async def one(bench: Bench, dep: Deployment, n: int, tag: str) -> dict:
             acked = time.time()
         else:
             broker = await bench.broker(dep.prefix)
-            await asyncio.gather(
-                *(broker.tasks.push(f"{prefix}{i}", "Custom_bench", data="{}") for i in range(n))
-            )
+            # As the coordinator starts a round: one push_many, 1000 tasks per pipeline.
+            clients = [f"{prefix}{i}" for i in range(n)]
+            await broker.tasks.push_many(clients, "Custom_bench", data="{}")
             released = n
             acked = time.time()
         result = await proc.result(within=180)

@@ -1,14 +1,30 @@
--- Queue one task for one client. Refuses a correlation id that is already in use.
--- KEYS: 1 task hash, 2 client queue, 3 taskref string
--- ARGV: 1 encoded correlation id, 2 ttl seconds, 3 wake channel, 4.. field/value pairs
--- Returns 1 if queued, 0 if the correlation id exists.
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, unpack(fields))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local cid = redis.call('HGET', KEYS[1], 'client_id')
-redis.call('SET', KEYS[3], cid, 'EX', ARGV[2])
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[3], ARGV[1])
-return 1
+-- Queue one task for each of n clients (one task: n = 1). Fields every task shares are sent
+-- once, so a round's fan-out costs a few arguments per client, not a whole task each; one
+-- wake-up message names every client that got a task.
+-- KEYS: per task i (from 0): 3i+1 task hash, 3i+2 client queue, 3i+3 taskref string
+-- ARGV: 1 ttl seconds, 2 wake channel, 3 m = number of shared field/value arguments,
+--       4..m+3 those pairs, then per task: encoded correlation id, encoded client id,
+--       correlation id, client id
+-- Returns per task 1 if queued, 0 if its correlation id was already in use.
+local ttl, channel, m = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local shared = {}
+for i = 4, m + 3 do shared[#shared + 1] = ARGV[i] end
+local out, woken = {}, {}
+for t = 0, #KEYS / 3 - 1 do
+  local task, queue, ref = KEYS[3 * t + 1], KEYS[3 * t + 2], KEYS[3 * t + 3]
+  local a = m + 4 + 4 * t
+  local enc, enc_client, corr, client = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  if redis.call('EXISTS', task) == 1 or redis.call('EXISTS', ref) == 1 then
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', task, 'state', 'queued', 'attempts', 0,
+      'correlation_id', corr, 'client_id', client, unpack(shared))
+    redis.call('EXPIRE', task, ttl)
+    redis.call('SET', ref, client, 'EX', ttl)
+    redis.call('LPUSH', queue, enc)
+    woken[#woken + 1] = enc_client
+    out[#out + 1] = 1
+  end
+end
+if #woken > 0 then redis.call('PUBLISH', channel, table.concat(woken, '\n')) end
+return out
