@@ -76,6 +76,8 @@ def evaluate(results: dict, cfg: Config) -> list[dict]:
                     f"at {cfg.pollers_clients} clients every {cfg.pollers_interval:g} s; the "
                     f"target is for {TARGET_POLLERS} every {TARGET_POLL_INTERVAL:g} s"
                 )
+            if not met and r.get("bound"):  # what the scenario measured that bounds it
+                note = "; ".join(filter(None, (note, r["bound"])))
             out.append(
                 {
                     "target": name,

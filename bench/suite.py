@@ -234,10 +234,14 @@ class Bench:
                 cpu.cancel()
             await proc.stop()
 
-    async def _cpu(self, dep: Deployment, start: float, duration: float) -> dict:
+    async def _cpu(
+        self, dep: Deployment, start: float, duration: float, loadgen: list[int] = ()
+    ) -> dict:
         pids = {"servers": [s.pid for s in dep.servers], "redis": [self.redis.process.pid]}
         if dep.bare:
             pids.pop("redis")
+        if loadgen:
+            pids["loadgen"] = list(loadgen)
 
         def read() -> dict:
             return {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}

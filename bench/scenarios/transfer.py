@@ -91,6 +91,7 @@ async def run(bench: Bench) -> dict:
                 ("download uncached", "Download 1MiB, cache off"),
             ):
                 base_op = op.split()[0] if op.startswith("download") else op
+                cpu = mine[op]["server_cpu_s_per_gib"], base[base_op]["server_cpu_s_per_gib"]
                 rows.append(
                     row(
                         case,
@@ -100,6 +101,8 @@ async def run(bench: Bench) -> dict:
                         "bare from memory",
                         mib_s(base[base_op]),
                         key=f"{label}/{store}/{op}",
+                        bound=f"replica CPU {cpu[0]:.2f} s/GiB vs bare {cpu[1]:.2f} (one core "
+                        "reads the store and sends)",
                     )
                 )
             for op, what in (("download", ""), ("download uncached", ", cache off")):
