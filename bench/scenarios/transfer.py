@@ -53,8 +53,9 @@ async def run(bench: Bench) -> dict:
     rows = []
     for size in cfg.transfer_sizes:
         label = f"{size // MiB} MiB"
-        # Downloads are quick and noisy: about 200 MiB moved per measurement, median counts.
-        downloads = max(cfg.transfer_reps, min(20, 200 * MiB // size))
+        # Downloads are quick and noisy: 20 x 10 MiB or 5 x 100 MiB per measurement, and
+        # the median counts.
+        downloads = max(5, cfg.transfer_reps, min(20, 200 * MiB // size))
         base = {}
         for chunk_name, chunk in CHUNKS.items():
             spec = {"op": "upload", "size": size, "chunk": chunk, "model_prefix": "bare"}
