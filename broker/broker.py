@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from broker.batching import Batcher
+from broker.connection import with_hiredis_packing
 from broker.context import Context, Settings
 from broker.inbound import Inbound
 from broker.keys import Keys
@@ -84,6 +85,7 @@ def make_client(url: str, pool_size: int = 16):
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
+    pool.connection_class = with_hiredis_packing(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 

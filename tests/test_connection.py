@@ -1,0 +1,47 @@
+"""broker/connection.py: commands packed by hiredis are byte for byte what redis-py packs,
+and a real Redis answers them."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
+
+from broker.broker import make_client
+from broker.connection import with_hiredis_packing
+
+ARGS = [
+    ("SET", "k", "v"),
+    ("SET", "ä:{c:x}", "ü\n\r\x00"),
+    ("EVALSHA", "0" * 40, 2, "k1", "k2", 1, -7, 0.1, 1e-05, 10**20, 3.0, b"\x00\xff", ""),
+    ("CONFIG GET", "maxmemory"),
+    ("RPUSH", "chunks", b"x" * (1 << 20)),  # large: redis-py's own path, not copied
+    ("RPUSH", "chunks", memoryview(b"y" * 100)),
+]
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: a[0])
+def test_packed_bytes_are_what_redis_py_packs(args):
+    plain, packed = Connection(), with_hiredis_packing(Connection)()
+    assert b"".join(packed.pack_command(*args)) == b"".join(plain.pack_command(*args))
+
+
+def test_an_unpackable_argument_is_a_data_error():
+    with pytest.raises(DataError):
+        with_hiredis_packing(Connection)().pack_command("SET", "k", object())
+
+
+async def test_a_real_redis_answers_packed_commands(redis_url, prefix):
+    client = make_client(redis_url)
+    try:
+        key = f"{prefix}:packed"
+        assert await client.set(key, "ä\x00", ex=60)
+        assert await client.get(key) == "ä\x00".encode()
+        pipe = client.pipeline(transaction=True)
+        pipe.rpush(f"{key}:list", b"z" * (1 << 20), "small", 1.5)
+        pipe.lrange(f"{key}:list", 1, -1)
+        assert (await pipe.execute())[1] == [b"small", b"1.5"]
+        assert (await client.config_get("maxmemory"))["maxmemory"] is not None
+        await client.delete(key, f"{key}:list")
+    finally:
+        await client.aclose()
