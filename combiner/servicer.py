@@ -71,6 +71,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         another replica). Ending it with OK would end the client's run, and UNAVAILABLE
         would kill it (protocol.md §3.2, §4.11)."""
         self._closing.set()
+        self.broker.wakeups.wake_all()  # each stream sees _closing when it wakes
 
     # --- results (§4.6-§4.8) -------------------------------------------------------------
 
@@ -248,27 +249,24 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         self.open_streams[client_id] = self.open_streams.get(client_id, 0) + 1
         OPEN_STREAMS.inc()
         sent: set[str] = set()
-        closing = asyncio.ensure_future(self._closing.wait())
         try:
             # inside the try: if Redis fails here, the stream is not left counted as open
             await broker.presence.connect(client_id, name)
             await broker.presence.renew_streams([client_id], lease=3 * self.stream_keepalive)
             log.info("client %s opened a task stream", client_id)
-            while not self._closing.is_set():
-                waiter = asyncio.ensure_future(event.wait())
-                done, _ = await asyncio.wait(
-                    {waiter, closing},
-                    timeout=self.stream_keepalive,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if waiter not in done:
-                    waiter.cancel()
-                    if closing in done:
-                        break
+            while True:
+                # One timer per wait, not a task and a wait() set: thousands of streams
+                # wake at once when a round starts.
+                try:
+                    async with asyncio.timeout(self.stream_keepalive):
+                        await event.wait()
+                except TimeoutError:
                     # Application-level keepalive: an empty TaskRequest, which the client
                     # ignores (no type), keeps proxies from cutting an idle stream.
                     yield pb.TaskRequest()
                     continue
+                if self._closing.is_set():  # close_streams() woke every stream
+                    break
                 event.clear()
                 for task in await broker.tasks.take_for_stream(client_id):
                     if task.correlation_id in sent:  # de-duplicate by correlation id
@@ -280,7 +278,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             )
         finally:
             log.info("client %s task stream closed", client_id)
-            closing.cancel()
             OPEN_STREAMS.dec()
             broker.wakeups.unregister(client_id, event)
             left = self.open_streams.get(client_id, 1) - 1
