@@ -19,8 +19,8 @@ from broker.keys import encode_id
 
 TASK_TYPES = ("Fedn_ModelUpdate", "Fedn_Validation", "Fedn_Prediction")
 FINAL_STATES = ("completed", "failed", "interrupted", "cancelled", "timeout", "lost")
-# Fields of a TaskRequest, in the order the Lua scripts return them.
 PUSH_PER_CALL = 200  # tasks per push.lua call
+# Fields of a TaskRequest, in the order the Lua scripts return them.
 WIRE_FIELDS = ("correlation_id", "type", "model_id", "data", "session_id", "round_id", "timestamp")
 
 
