@@ -86,6 +86,33 @@ def row(
     }
 
 
+def cost_rows(case: str, s: dict, base: dict, key: str) -> list[dict]:
+    """Server CPU per RPC against the bare server, and Redis round trips per RPC, of one
+    unary load run (poll, ingest)."""
+    return [
+        row(
+            case,
+            "server CPU/RPC",
+            "µs",
+            s["cpu_us_per_rpc_servers"],
+            "bare grpc.aio",
+            base["cpu_us_per_rpc_servers"],
+            "lower",
+            redis_cpu_us_per_rpc=s["cpu_us_per_rpc_redis"],
+        ),
+        row(
+            case,
+            "Redis round trips/RPC",
+            "",
+            s["redis"]["round_trips_per_rpc"],
+            "unbatched (1/RPC)",
+            1.0,
+            "lower",
+            key=f"{key}/round_trips",
+        ),
+    ]
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

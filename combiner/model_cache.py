@@ -44,9 +44,10 @@ async def encoded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 class _Entry:
     """One model's encoded chunks, complete or still being filled."""
 
-    __slots__ = ("_more", "data_bytes", "done", "error", "frames")
+    __slots__ = ("_more", "data_bytes", "done", "error", "frames", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
+        self.size = size  # what the meta says: the bytes this entry counts against the budget
         self.frames: list[bytes] = []
         self.data_bytes = 0
         self.done = False
@@ -84,7 +85,6 @@ class ModelCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: collections.OrderedDict[tuple[str, str], _Entry] = collections.OrderedDict()
-        self._sizes: dict[tuple[str, str], int] = {}
         self._bytes = 0
         self._fills: set[asyncio.Task] = set()
         MODEL_CACHE_BYTES.set_function(lambda: self._bytes)
@@ -106,23 +106,22 @@ class ModelCache:
         MODEL_CACHE_DOWNLOADS.labels("miss").inc()
         chunks = read()  # raises here (before anything is cached) if the store cannot serve it
         self._make_room(size)
-        entry = self._entries[key] = _Entry()
-        self._sizes[key] = size
+        entry = self._entries[key] = _Entry(size)
         self._bytes += size
-        task = asyncio.create_task(self._fill(key, entry, chunks, size), name=f"fill {model_id}")
+        task = asyncio.create_task(self._fill(key, entry, chunks), name=f"fill {model_id}")
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
         return entry.follow()
 
-    async def _fill(self, key, entry: _Entry, chunks: AsyncIterator[bytes], size: int) -> None:
+    async def _fill(self, key, entry: _Entry, chunks: AsyncIterator[bytes]) -> None:
         # Runs apart from any one Download, so a slow or cancelled client does not hold up
         # the others, and the model is read from the store once.
         try:
             async for chunk in chunks:
                 entry.add(chunk)
-            if entry.data_bytes != size:
+            if entry.data_bytes != entry.size:
                 raise RuntimeError(
-                    f"model {key[0]!r}: read {entry.data_bytes} bytes, meta says {size}"
+                    f"model {key[0]!r}: read {entry.data_bytes} bytes, meta says {entry.size}"
                 )
             entry.finish()
         except BaseException as exc:
@@ -143,7 +142,7 @@ class ModelCache:
     def _drop(self, key, entry: _Entry) -> None:
         if self._entries.get(key) is entry:
             del self._entries[key]
-            self._bytes -= self._sizes.pop(key)
+            self._bytes -= entry.size
 
     async def close(self) -> None:
         for task in list(self._fills):

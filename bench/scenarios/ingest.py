@@ -9,7 +9,7 @@ stream takes from one Python process.
 from __future__ import annotations
 
 from bench.scenarios.unary import pick_median, summary
-from bench.suite import Bench, row
+from bench.suite import Bench, cost_rows, row
 
 METHODS = ("SendModelMetric", "SendTelemetryMessage", "SendStatus")
 
@@ -65,26 +65,7 @@ async def run(bench: Bench) -> dict:
                 row(case, "msgs/s", "1/s", s["rps"], "bare grpc.aio", base["rps"], key=case),
                 row(case, "msgs/s", "1/s", s["rps"], f"raw XADD x{cfg.xadd_batch}", xadd),
                 row(case, "p99", "ms", s["p99_ms"], "bare grpc.aio", base["p99_ms"], "lower"),
-                row(
-                    case,
-                    "server CPU/RPC",
-                    "µs",
-                    s["cpu_us_per_rpc_servers"],
-                    "bare grpc.aio",
-                    base["cpu_us_per_rpc_servers"],
-                    "lower",
-                    redis_cpu_us_per_rpc=s["cpu_us_per_rpc_redis"],
-                ),
-                row(
-                    case,
-                    "Redis round trips/RPC",
-                    "",
-                    s["redis"]["round_trips_per_rpc"],
-                    "unbatched (1/RPC)",
-                    1.0,
-                    "lower",
-                    key=f"{case}/round_trips",
-                ),
+                *cost_rows(case, s, base, key=case),
             ]
     for dep in deps[1:]:
         await bench.clear(dep.prefix)

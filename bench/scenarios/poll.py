@@ -14,7 +14,7 @@ import asyncio
 import math
 
 from bench.scenarios.unary import pick_median, summary
-from bench.suite import Bench, row
+from bench.suite import Bench, cost_rows, row
 
 
 async def push_tasks(bench: Bench, prefix: str, clients: str, per_client: list[int]) -> int:
@@ -61,26 +61,7 @@ async def run(bench: Bench) -> dict:
             row(label, "RPS", "1/s", s["rps"], "bare grpc.aio", base["rps"], key=f"{case}/rps"),
             row(label, "p50", "ms", s["p50_ms"], "bare grpc.aio", base["p50_ms"], "lower"),
             row(label, "p99", "ms", s["p99_ms"], "bare grpc.aio", base["p99_ms"], "lower"),
-            row(
-                label,
-                "server CPU/RPC",
-                "µs",
-                s["cpu_us_per_rpc_servers"],
-                "bare grpc.aio",
-                base["cpu_us_per_rpc_servers"],
-                "lower",
-                redis_cpu_us_per_rpc=s["cpu_us_per_rpc_redis"],
-            ),
-            row(
-                label,
-                "Redis round trips/RPC",
-                "",
-                s["redis"]["round_trips_per_rpc"],
-                "unbatched (1/RPC)",
-                1.0,
-                "lower",
-                key=f"{case}/round_trips",
-            ),
+            *cost_rows(label, s, base, key=case),
         ]
     r1s, r2s = pick_median(runs["R=1"]), pick_median(runs["R=2"])
     rows.append(
