@@ -1,13 +1,23 @@
-"""Map broker errors to gRPC statuses the published 1.0.0 client survives (protocol.md §3).
+"""Every scaleout RPC's status mapping, error logging and metrics, set up in one place.
 
-The client dies on UNAVAILABLE, so nothing here ever answers it: Redis trouble after the
-bounded retries, and unexpected errors, become FAILED_PRECONDITION ("try again later"),
-which the client retries. Bad input gets a status it does not retry, with a clear message.
+Why: the published 1.0.0 client decides what to do by the status code alone
+(docs/protocol.md §3). It dies on UNAVAILABLE, does not retry UNAUTHENTICATED,
+PERMISSION_DENIED, INVALID_ARGUMENT and the like, and retries FAILED_PRECONDITION. So no
+RPC may ever answer UNAVAILABLE, nor grpc's own UNKNOWN for an exception that escaped:
+Redis trouble after the bounded retries, and unexpected errors, become FAILED_PRECONDITION
+("try again later"); bad input gets a status the client does not retry, with a clear message.
+
+How: `GuardedServer` stands in for the grpc.aio server while the servicers register their
+handlers, and wraps each one once (`guard`). A new RPC on a servicer is covered with no
+code of its own. This is done at registration rather than by a grpc.aio.ServerInterceptor,
+because grpc runs interceptors on every call (a partial, an iterator and a coroutine each
+time); the wrapper here costs one coroutine per call, as a decorator would. Health and
+reflection are registered on the real server and stay as grpc serves them.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
 import logging
 import time
 
@@ -61,36 +71,28 @@ def _record(method: str, context, started: float, failed: bool) -> None:
     RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
-def unary(fn):
-    """Wrap a unary handler (or stream-in/unary-out): status mapping and metrics."""
-    method = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
+def _guard_coroutine(method: str, fn):
+    async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
-            reply = await fn(self, request, context)
+            reply = await fn(request, context)
             failed = False
             return reply
-        except grpc.aio.AbortError:
+        except grpc.aio.AbortError:  # the handler chose its status itself
             raise
         except Exception as exc:
             await _abort(method, context, exc)
         finally:
             _record(method, context, started, failed)
 
-    return wrapper
+    return guarded
 
 
-def streaming(fn):
-    """Wrap a server-streaming handler (an async generator): status mapping and metrics."""
-    method = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
+def _guard_async_generator(method: str, fn):
+    async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
-            async for item in fn(self, request, context):
+            async for item in fn(request, context):
                 yield item
             failed = False
         except grpc.aio.AbortError:
@@ -100,4 +102,72 @@ def streaming(fn):
         finally:
             _record(method, context, started, failed)
 
-    return wrapper
+    return guarded
+
+
+def guard(method: str, fn):
+    """fn (a behaviour: `fn(request or request iterator, context)`) with status mapping,
+    error logging and metrics under `method`. The wrapper is of fn's own kind, coroutine or
+    async generator, because grpc.aio decides by that how to run a streaming handler."""
+    if inspect.isasyncgenfunction(fn):
+        return _guard_async_generator(method, fn)
+    if inspect.iscoroutinefunction(fn):
+        return _guard_coroutine(method, fn)
+    raise TypeError(f"{method}: only async handlers are served here, not {fn!r}")
+
+
+# (request_streaming, response_streaming) -> the handler's behaviour field and its factory
+_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def guard_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler (kind, deserializer, serializer or none) with its behaviour guarded."""
+    field, make = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        guard(method, getattr(handler, field)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _GuardedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler's answers, guarded once per method. grpc asks the generic handlers
+    only for methods that were not registered, so this is the fallback path."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details):
+        path = handler_call_details.method
+        guarded = self._guarded.get(path)
+        if guarded is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:  # not ours; not kept, as any path a client sends lands here
+                return None
+            guarded = self._guarded[path] = guard_handler(path.rsplit("/", 1)[-1], handler)
+        return guarded
+
+
+class GuardedServer:
+    """The grpc.aio server as the servicers' `add_to_server` functions see it: every
+    handler they add, registered or generic, reaches the real server guarded."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        guarded = {method: guard_handler(method, h) for method, h in handlers.items()}
+        self.server.add_registered_method_handlers(service, guarded)
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        self.server.add_generic_rpc_handlers(
+            tuple(_GuardedGenericHandler(h) for h in generic_handlers)
+        )

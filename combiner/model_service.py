@@ -8,7 +8,6 @@ import grpc
 
 from broker import Broker, InvalidInput
 from broker.errors import BrokerError
-from combiner.errors import streaming, unary
 from combiner.model_cache import ModelCache
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
@@ -22,7 +21,6 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.max_model_bytes = max_model_bytes
         self.cache = ModelCache(cache_bytes)
 
-    @unary
     async def Upload(self, request_iterator, context) -> pb.ModelResponse:
         meta = {k: v for k, v in (context.invocation_metadata() or ())}
         model_id = meta.get("model-id", "")
@@ -57,7 +55,6 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         log.info("model %s stored (%d bytes, %s)", model_id, upload.size, result)
         return pb.ModelResponse(status=pb.ModelStatus.OK, message=f"stored {upload.size} bytes")
 
-    @streaming
     async def Download(self, request: pb.ModelRequest, context):
         """Yields encoded FileChunk messages (bytes): see add_to_server."""
         model_id = request.model_id

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker import Broker, BrokerError
 from combiner import model_service, servicer
+from combiner.errors import GuardedServer
 from combiner.pb import scaleout_pb2 as pb
 
 log = logging.getLogger("combiner")
@@ -67,8 +68,10 @@ class Replica:
         self.models = model_service.ModelServicer(
             broker, opts.max_model_bytes, opts.model_cache_bytes
         )
-        servicer.add_to_server(self.combiner, self.server)
-        model_service.add_to_server(self.models, self.server)
+        # status mapping, error logging and metrics for every scaleout RPC (combiner/errors.py)
+        guarded = GuardedServer(self.server)
+        servicer.add_to_server(self.combiner, guarded)
+        model_service.add_to_server(self.models, guarded)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

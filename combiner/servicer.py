@@ -16,7 +16,6 @@ from broker import Broker, InvalidInput
 from broker.codec import pack
 from broker.tasks import Task
 from combiner import __version__
-from combiner.errors import streaming, unary
 from combiner.metrics import OPEN_STREAMS
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
@@ -75,7 +74,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
 
     # --- results (§4.6-§4.8) -------------------------------------------------------------
 
-    @unary
     async def SendModelUpdate(self, request: pb.ModelUpdate, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         kept = await self.broker.inbound.add_result(
@@ -122,17 +120,14 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         )
         return pb.Response(response=f"{kind[:-1].capitalize()} received.")
 
-    @unary
     async def SendModelValidation(self, request: pb.ModelValidation, context) -> pb.Response:
         return await self._result("validations", request, context)
 
-    @unary
     async def SendModelPrediction(self, request: pb.ModelPrediction, context) -> pb.Response:
         return await self._result("predictions", request, context)
 
     # --- records (§4.9, §4.10) -----------------------------------------------------------
 
-    @unary
     async def SendModelMetric(self, request: pb.ModelMetric, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
@@ -146,7 +141,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         await self.broker.inbound.add("metrics", client_id, fields, name)
         return pb.Response()
 
-    @unary
     async def SendAttributeMessage(self, request: pb.AttributeMessage, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
@@ -156,7 +150,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         await self.broker.inbound.add("attributes", client_id, fields, name)
         return pb.Response()
 
-    @unary
     async def SendTelemetryMessage(self, request: pb.TelemetryMessage, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
@@ -166,7 +159,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         await self.broker.inbound.add("telemetry", client_id, fields, name)
         return pb.Response()
 
-    @unary
     async def SendStatus(self, request: pb.Status, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
@@ -182,7 +174,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
 
     # --- control (§4.1, §4.2, §4.11) -----------------------------------------------------
 
-    @unary
     async def Announce(self, request: pb.ClientAnnounceRequest, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         kind = request.type
@@ -210,7 +201,6 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         # Unknown type: OK and empty; an error on Connect would be retried forever (§4.1).
         return pb.Response()
 
-    @unary
     async def PollAndReport(self, request: pb.ActivityReport, context) -> pb.TaskRequest:
         client_id, name = identity(context, request.node_id)
         reply = await self.broker.tasks.poll(
@@ -228,13 +218,11 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             return pb.TaskRequest(correlation_id=reply.echo, status=reply.status)
         return pb.TaskRequest()
 
-    @unary
     async def SendHeartbeat(self, request: pb.Heartbeat, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         await self.broker.presence.touch(client_id, name)
         return pb.Response(response="Heartbeat received.")
 
-    @streaming
     async def TaskStream(self, request: pb.ClientAvailableMessage, context):
         client_id, name = identity(context, request.client_id)
         broker = self.broker
