@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from broker.errors import BrokerUnavailable, Conflict, InvalidInput, NotFound, NotReady, TooLarge
 from combiner import server
+from combiner.errors import GuardedServer
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta
 from tests.services import eventually
@@ -174,3 +175,41 @@ async def test_every_rpc_answers_invalid_argument_to_a_request_without_identity(
         else:
             await expect_counted(method.name, "INVALID_ARGUMENT", before, seconds_before)
     assert wrong == {}
+
+
+async def test_a_handler_added_only_as_a_generic_handler_is_guarded_too():
+    """grpc asks generic handlers for methods not registered by name (older generated code)."""
+
+    async def explode(request, context):
+        raise RuntimeError("boom")
+
+    plain = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        explode,
+        request_deserializer=pb.Heartbeat.FromString,
+        response_serializer=pb.Response.SerializeToString,
+    )
+    GuardedServer(plain).add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("scaleout.Test", {"Explode": handler}),)
+    )
+    port = plain.add_insecure_port("127.0.0.1:0")
+    await plain.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                "/scaleout.Test/Explode",
+                request_serializer=pb.Heartbeat.SerializeToString,
+                response_deserializer=pb.Response.FromString,
+            )
+            for _ in range(2):  # the second call takes the handler guarded the first time
+                before = counted("Explode", "FAILED_PRECONDITION")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(pb.Heartbeat(client_id="x"), timeout=RPC_DEADLINE)
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+                async def recorded(before=before):
+                    return counted("Explode", "FAILED_PRECONDITION") == before + 1
+
+                await eventually(recorded, what="the generic-path call counted")
+    finally:
+        await plain.stop(0)
