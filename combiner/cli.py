@@ -158,7 +158,7 @@ def settings_from_flags(kw: dict) -> Config:
         replica_id=kw.pop("replica_id", ""),
         metrics_port=kw.pop("metrics_port", None),
     )
-    if "host" in kw:
+    if "host" in kw:  # the command serves: it has a flag for every ServeOptions field
         from combiner.server import ServeOptions  # grpc: imported only by commands that serve
 
         values = {}
@@ -166,7 +166,7 @@ def settings_from_flags(kw: dict) -> Config:
             flag, convert = SERVE_FLAGS.get(f.name, (f.name, lambda value: value))
             values[f.name] = convert(kw.pop(flag))
         cfg.serve = ServeOptions(**values)
-    if "lease_ttl" in kw:
+    if "lease_ttl" in kw:  # the command runs a worker: it has every WORKER_FLAGS flag
         cfg.worker = {name: kw.pop(name) for name in WORKER_FLAGS}
     return cfg
 
