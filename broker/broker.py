@@ -58,6 +58,9 @@ class Broker:
         await self.ctx.call(self.scripts.load, self.redis)
 
     async def close(self) -> None:
+        if self._closed:
+            return  # closed by its owner and by whoever it was lent to: once is enough
+        self._closed = True
         await self.wakeups.stop()
         try:
             await asyncio.wait_for(self.batcher.flush(), 5)
@@ -67,6 +70,14 @@ class Broker:
 
     async def ping(self) -> bool:
         return bool(await self.ctx.call(self.redis.ping))
+
+    _closed = False
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
 
 
 def make_client(url: str, pool_size: int = 16):
@@ -89,7 +100,37 @@ def make_client(url: str, pool_size: int = 16):
     return aioredis.Redis(connection_pool=pool)
 
 
-async def connect(
+class Connecting:
+    """What connect() returns: await it for a started Broker the caller closes, or use it as
+    `async with connect(url) as broker:`, which closes the Broker however the block ends."""
+
+    def __init__(self, url: str, pool_size: int, **kwargs) -> None:
+        self._url, self._pool_size, self._kwargs = url, pool_size, kwargs
+        self._broker: Broker | None = None
+
+    async def _open(self) -> Broker:
+        broker = Broker(make_client(self._url, self._pool_size), **self._kwargs)
+        try:
+            await broker.start()
+        except BaseException:
+            await broker.close()  # the pool holds no connection yet, but release it anyway
+            raise
+        return broker
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Broker:
+        self._broker = await self._open()
+        return self._broker
+
+    async def __aexit__(self, *exc_info) -> None:
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.close()
+
+
+def connect(
     url: str,
     *,
     settings: Settings | None = None,
@@ -97,7 +138,12 @@ async def connect(
     model_dir: str | None = None,
     policy: RetryPolicy | None = None,
     pool_size: int = 16,
-) -> Broker:
-    broker = Broker(make_client(url, pool_size), settings, replica_id, model_dir, policy)
-    await broker.start()
-    return broker
+) -> Connecting:
+    return Connecting(
+        url,
+        pool_size,
+        settings=settings,
+        replica_id=replica_id,
+        model_dir=model_dir,
+        policy=policy,
+    )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import pathlib
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,6 +18,9 @@ from broker import Broker, BrokerError, connect
 from broker.context import Settings
 from broker.embedded import EmbeddedRedis
 from combiner import __version__, logs
+
+if TYPE_CHECKING:
+    from combiner.server import ServeOptions
 
 
 def option(*decls, **kwargs):
@@ -27,7 +34,8 @@ def option(*decls, **kwargs):
 
 
 def redis_options(fn):
-    """Where Redis is, and how to log: shared by every command that touches Redis."""
+    """Where Redis is, how to log, and the broker's settings: shared by every command that
+    touches Redis, so a COMBINER_* variable means the same to every process."""
     decorators = [
         option(
             "--redis-url",
@@ -41,7 +49,7 @@ def redis_options(fn):
             type=click.Path(file_okay=False),
             help="Folder for the embedded Redis and the default disk model store.",
         ),
-        option("--prefix", default="so", help="Prefix of every Redis key."),
+        option("--prefix", default=Settings.prefix, help="Prefix of every Redis key."),
         option(
             "--log-level",
             default="info",
@@ -53,6 +61,44 @@ def redis_options(fn):
             default="text",
             type=click.Choice(["text", "json"]),
             help="Log lines as text or as JSON objects.",
+        ),
+        option(
+            "--stream-maxlen",
+            default=Settings.stream_maxlen,
+            type=click.IntRange(1),
+            help="Entries each inbound stream keeps (MAXLEN ~): older ones are trimmed.",
+        ),
+        option(
+            "--task-ttl",
+            default=Settings.task_ttl,
+            type=click.IntRange(1),
+            help="Seconds task records, and a finished session's per-round records, are kept.",
+        ),
+        option(
+            "--upload-ttl",
+            default=Settings.upload_ttl,
+            type=click.IntRange(1),
+            help="Seconds an unfinished model upload is kept before it expires.",
+        ),
+        option(
+            "--offline-after",
+            default=Settings.offline_after,
+            type=click.FloatRange(0.5),
+            help="A client is offline after this many seconds without any RPC.",
+        ),
+        option(
+            "--presence-every",
+            default=Settings.presence_every,
+            type=click.FloatRange(0),
+            help="Seconds between a replica's writes of one client's last-seen time (its "
+            "RPCs in between only count in memory): fewer writes, coarser last-seen.",
+        ),
+        option(
+            "--batch-window",
+            default=Settings.batch_window,
+            type=click.FloatRange(0, 0.1),
+            help="Seconds an RPC waits for concurrent RPCs to share its Redis pipeline: fewer "
+            "round trips and less CPU per RPC under load, for that much added latency.",
         ),
     ]
     for d in reversed(decorators):
@@ -76,25 +122,72 @@ def model_store_options(fn):
     )(fn)
 
 
-def resolve_model_dir(kw) -> str | None:
+# ServeOptions fields whose flag has another name or unit than the field.
+SERVE_FLAGS = {"model_cache_bytes": ("model_cache_mb", lambda mib: mib << 20)}
+# Keyword arguments of workers.runner.Worker, each a flag of `combiner worker`.
+WORKER_FLAGS = ("worker_id", "lease_ttl", "poll_every", "claim_after")
+
+
+@dataclass
+class Config:
+    """Everything a command was told, built once from its flags by settings_from_flags()."""
+
+    redis_url: str | None
+    state_dir: str
+    broker: Settings
+    model_dir: str | None = None
+    replica_id: str = ""
+    metrics_port: int | None = None
+    serve: ServeOptions | None = None  # commands that serve
+    worker: dict | None = None  # keyword arguments of Worker, for `combiner worker`
+
+
+def settings_from_flags(kw: dict) -> Config:
+    """Turn a command's flags into its settings: pops every flag that is a setting from kw,
+    leaving the command's own arguments (files, ids, --json, ...)."""
+    state_dir = kw.pop("state_dir")
     store, model_dir = kw.pop("model_store", "redis"), kw.pop("model_dir", None)
     if store == "disk":
-        return model_dir or str(pathlib.Path(kw["state_dir"]) / "models")
-    return model_dir  # given without disk store: used only to read disk-stored models
+        model_dir = model_dir or str(pathlib.Path(state_dir) / "models")
+    # (a --model-dir without the disk store is used only to read disk-stored models)
+    cfg = Config(
+        redis_url=kw.pop("redis_url"),
+        state_dir=state_dir,
+        broker=Settings(**{f.name: kw.pop(f.name) for f in fields(Settings)}),
+        model_dir=model_dir,
+        replica_id=kw.pop("replica_id", ""),
+        metrics_port=kw.pop("metrics_port", None),
+    )
+    if "host" in kw:  # the command serves: it has a flag for every ServeOptions field
+        from combiner.server import ServeOptions  # grpc: imported only by commands that serve
+
+        values = {}
+        for f in fields(ServeOptions):
+            flag, convert = SERVE_FLAGS.get(f.name, (f.name, lambda value: value))
+            values[f.name] = convert(kw.pop(flag))
+        cfg.serve = ServeOptions(**values)
+    if "lease_ttl" in kw:  # the command runs a worker: it has every WORKER_FLAGS flag
+        cfg.worker = {name: kw.pop(name) for name in WORKER_FLAGS}
+    return cfg
 
 
-async def open_broker(kw, **extra) -> tuple[Broker, EmbeddedRedis | None]:
-    url, embedded = kw["redis_url"], None
+@contextlib.asynccontextmanager
+async def open_broker(cfg: Config) -> AsyncIterator[Broker]:
+    """The command's Broker, on --redis-url or else on the embedded Redis under --state-dir;
+    closed however the command ends, and the embedded Redis stopped with it if this process
+    started it (a server another process started under the same folder stays up)."""
+    url, embedded = cfg.redis_url, None
     if not url:
-        embedded = EmbeddedRedis(kw["state_dir"])
+        embedded = EmbeddedRedis(cfg.state_dir)
         url = await asyncio.to_thread(embedded.start)
-    settings = Settings(prefix=kw["prefix"])
-    if kw.get("batch_window") is not None:
-        settings.batch_window = kw["batch_window"]
-    if kw.get("offline_after_setting"):
-        settings.offline_after = kw["offline_after_setting"]
-    broker = await connect(url, settings=settings, **extra)
-    return broker, embedded
+    try:
+        async with connect(
+            url, settings=cfg.broker, replica_id=cfg.replica_id, model_dir=cfg.model_dir
+        ) as broker:
+            yield broker
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
 
 
 metrics_option = option(
@@ -114,13 +207,15 @@ def start_metrics(port: int | None, broker: Broker) -> None:
 
 
 def run_async(fn):
-    """Run an async command body; broker errors become a clear CLI error, not a traceback."""
+    """Run an async command body as fn(config, **its own arguments); broker errors become a
+    clear CLI error, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(**kw):
-        logs.setup(kw.pop("log_level", "info"), kw.pop("log_format", "text"))
+        logs.setup(kw.pop("log_level"), kw.pop("log_format"))
+        cfg = settings_from_flags(kw)
         try:
-            return asyncio.run(fn(**kw))
+            return asyncio.run(fn(cfg, **kw))
         except BrokerError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
@@ -167,13 +262,6 @@ def main() -> None:
 )
 @metrics_option
 @option(
-    "--batch-window",
-    default=0.002,
-    type=click.FloatRange(0, 0.1),
-    help="Seconds an RPC waits for concurrent RPCs to share its Redis pipeline: fewer "
-    "round trips and less CPU per RPC under load, for that much added latency.",
-)
-@option(
     "--drain-delay",
     default=2.0,
     type=click.FloatRange(0),
@@ -186,31 +274,24 @@ def main() -> None:
     type=click.FloatRange(0.1),
     help="Seconds between keepalive messages on an idle TaskStream.",
 )
+@option(
+    "--reuse-port/--no-reuse-port",
+    default=False,
+    help="Set SO_REUSEPORT, so several serve processes on one host share --port (the "
+    "kernel spreads connections over them). Off by default: a second server on a taken "
+    "port then fails at start instead of silently taking part of its traffic.",
+)
 @run_async
-async def serve(**kw) -> None:
+async def serve(cfg: Config) -> None:
     """Run one front-end replica (gRPC: CombinerClient, ModelService, health, reflection)."""
-    from combiner.server import ServeOptions
     from combiner.server import serve as run_replica
 
-    model_dir = resolve_model_dir(kw)
-    broker, embedded = await open_broker(kw, replica_id=kw["replica_id"], model_dir=model_dir)
-    start_metrics(kw["metrics_port"], broker)
-    opts = ServeOptions(
-        host=kw["host"],
-        port=kw["port"],
-        max_model_bytes=kw["max_model_bytes"],
-        model_cache_bytes=kw["model_cache_mb"] << 20,
-        drain_timeout=kw["drain_timeout"],
-        drain_delay=kw["drain_delay"],
-        stream_keepalive=kw["stream_keepalive"],
-    )
-    try:
+    opts = cfg.serve
+    async with open_broker(cfg) as broker:
+        start_metrics(cfg.metrics_port, broker)
         await run_replica(
             broker, opts, ready=lambda port: print(f"listening on {opts.host}:{port}", flush=True)
         )
-    finally:
-        if embedded:
-            embedded.stop()
 
 
 @main.group()
@@ -224,15 +305,12 @@ def model() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @option("--id", "model_id", default="", help="Model id to store under (default: a new uuid4).")
 @run_async
-async def model_put(**kw) -> None:
+async def model_put(cfg: Config, **kw) -> None:
     """Store FILE as a model and print its id."""
-    broker, _ = await open_broker(kw, model_dir=resolve_model_dir(kw))
-    try:
+    async with open_broker(cfg) as broker:
         data = await asyncio.to_thread(pathlib.Path(kw["file"]).read_bytes)
         model_id = await broker.models.put(data, kw["model_id"])
         click.echo(model_id)
-    finally:
-        await broker.close()
 
 
 @model.command("get")
@@ -241,15 +319,12 @@ async def model_put(**kw) -> None:
 @click.argument("model_id")
 @option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
 @run_async
-async def model_get(**kw) -> None:
+async def model_get(cfg: Config, **kw) -> None:
     """Fetch model MODEL_ID into a file."""
-    broker, _ = await open_broker(kw, model_dir=resolve_model_dir(kw))
-    try:
+    async with open_broker(cfg) as broker:
         data = await broker.models.get(kw["model_id"])
         await asyncio.to_thread(pathlib.Path(kw["output"]).write_bytes, data)
         click.echo(f"{len(data)} bytes written to {kw['output']}", err=True)
-    finally:
-        await broker.close()
 
 
 @main.group()
@@ -271,10 +346,9 @@ def task() -> None:
 @option("--session", "session_id", default="", help="Session id echoed back by the client.")
 @option("--round", "round_id", default="", help="Round id echoed back by the client.")
 @run_async
-async def task_push(**kw) -> None:
+async def task_push(cfg: Config, **kw) -> None:
     """Queue a task for one client and print its correlation id."""
-    broker, _ = await open_broker(kw)
-    try:
+    async with open_broker(cfg) as broker:
         if kw["model_id"]:
             await broker.models.ready_meta(kw["model_id"])
         corr = await broker.tasks.push(
@@ -286,8 +360,6 @@ async def task_push(**kw) -> None:
             round_id=kw["round_id"],
         )
         click.echo(corr)
-    finally:
-        await broker.close()
 
 
 RESULT_FIELDS = {
@@ -335,13 +407,10 @@ def task_view(record: dict[str, str]) -> dict:
 @click.argument("correlation_id")
 @option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
 @run_async
-async def task_show(**kw) -> None:
+async def task_show(cfg: Config, **kw) -> None:
     """Show a task's state, the client's report and the result it produced."""
-    broker, _ = await open_broker(kw)
-    try:
+    async with open_broker(cfg) as broker:
         record = await broker.tasks.show(kw["correlation_id"])
-    finally:
-        await broker.close()
     if not record:
         raise click.ClickException(f"no task {kw['correlation_id']!r}")
     view = task_view(record)
@@ -370,12 +439,6 @@ async def task_show(**kw) -> None:
     help="Seconds a session lease lasts unless renewed; a dead worker's sessions are "
     "taken over after this.",
 )
-@option(
-    "--offline-after",
-    default=30.0,
-    type=click.FloatRange(0.5),
-    help="A client is offline after this many seconds without any RPC.",
-)
 @metrics_option
 @option(
     "--poll-every",
@@ -383,24 +446,21 @@ async def task_show(**kw) -> None:
     type=click.FloatRange(0.05),
     help="Seconds between the coordinator's looks at a round's progress.",
 )
+@option(
+    "--claim-after",
+    default=30.0,
+    type=click.FloatRange(0.1),
+    help="Seconds a stream entry may stay unacknowledged by the worker that read it "
+    "(it died, say) before another worker's record keeping takes it over.",
+)
 @run_async
-async def worker(**kw) -> None:
+async def worker(cfg: Config) -> None:
     """Run one worker: session coordinator with FedAvg, records, liveness (safe to run several)."""
     from workers.runner import run_worker
 
-    kw["offline_after_setting"] = kw.pop("offline_after")
-    broker, embedded = await open_broker(kw, model_dir=resolve_model_dir(kw))
-    start_metrics(kw["metrics_port"], broker)
-    try:
-        await run_worker(
-            broker,
-            worker_id=kw["worker_id"],
-            lease_ttl=kw["lease_ttl"],
-            poll_every=kw["poll_every"],
-        )
-    finally:
-        if embedded:
-            embedded.stop()
+    async with open_broker(cfg) as broker:
+        start_metrics(cfg.metrics_port, broker)
+        await run_worker(broker, **cfg.worker)
 
 
 @main.group()
@@ -440,7 +500,7 @@ def session() -> None:
 @option("--wait", is_flag=True, default=False, help="Wait until the session ends.")
 @option("--json", "as_json", is_flag=True, default=False, help="Print JSON (with --wait).")
 @run_async
-async def session_start(**kw) -> None:
+async def session_start(cfg: Config, **kw) -> None:
     """Queue a training session (a worker drives it); print its id, or its record with --wait."""
     from workers.fedavg import BadUpdate, load_npz
 
@@ -451,8 +511,7 @@ async def session_start(**kw) -> None:
         load_npz(data)
     except BadUpdate as exc:
         raise click.BadParameter(f"--seed-model: {exc}") from exc
-    broker, _ = await open_broker(kw, model_dir=resolve_model_dir(kw))
-    try:
+    async with open_broker(cfg) as broker:
         seed_id = await broker.models.put(data)
         config = {
             "rounds": kw["rounds"],
@@ -468,8 +527,6 @@ async def session_start(**kw) -> None:
             return
         click.echo(f"session {session_id} queued; waiting for a worker", err=True)
         view = await wait_for_session(broker, session_id, quiet=kw["as_json"])
-    finally:
-        await broker.close()
     print_session(view, kw["as_json"])
     if view["status"] != "completed":
         sys.exit(1)
@@ -529,15 +586,12 @@ def print_session(view: dict, as_json: bool) -> None:
 @click.argument("session_id")
 @option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
 @run_async
-async def session_show(**kw) -> None:
+async def session_show(cfg: Config, **kw) -> None:
     """Rounds, participants, updates, model ids and validations of a session."""
     from combiner.views import session_view
 
-    broker, _ = await open_broker(kw)
-    try:
+    async with open_broker(cfg) as broker:
         view = await session_view(broker, kw["session_id"])
-    finally:
-        await broker.close()
     print_session(view, kw["as_json"])
 
 
@@ -551,18 +605,15 @@ async def session_show(**kw) -> None:
 )
 @option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
 @run_async
-async def status(**kw) -> None:
+async def status(cfg: Config, **kw) -> None:
     """Replicas, clients online, stream lengths and consumer lag, current session."""
     from combiner.views import client_view, status_view
 
-    broker, _ = await open_broker(kw)
-    try:
+    async with open_broker(cfg) as broker:
         if kw["client_id"]:
             view = await client_view(broker, kw["client_id"])
         else:
             view = await status_view(broker)
-    finally:
-        await broker.close()
     if kw["as_json"] or kw["client_id"]:
         click.echo(json.dumps(view, indent=2))
         return

@@ -48,6 +48,7 @@ async def make_replica(redis_url, prefix):
     yield start
     for replica in started:
         await replica.stop(grace=0)
+        await replica.broker.close()
 
 
 @pytest.fixture
@@ -78,14 +79,14 @@ async def replica_at(url: str, prefix: str = "", pool_size: int = 16, **opts):
     """A replica (real gRPC over loopback) on the Redis at url, and stubs to it; for tests
     that need a Redis of their own (faults, connection counts)."""
     prefix = prefix or f"t{uuid.uuid4().hex[:10]}"
-    b = await connect(url, settings=Settings(prefix=prefix), pool_size=pool_size)
-    replica = Replica(b, ServeOptions(port=0, **opts))
-    await replica.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
-            yield replica, Stubs(channel)
-    finally:
-        await replica.stop(grace=0)
+    async with connect(url, settings=Settings(prefix=prefix), pool_size=pool_size) as b:
+        replica = Replica(b, ServeOptions(port=0, **opts))
+        await replica.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+                yield replica, Stubs(channel)
+        finally:
+            await replica.stop(grace=0)
 
 
 async def next_task(call, within: float = 10.0):

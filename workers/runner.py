@@ -21,11 +21,12 @@ class Worker:
         worker_id: str = "",
         lease_ttl: float = 10.0,
         poll_every: float = 0.5,
+        claim_after: float = 30.0,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id or broker.replica_id
         self.coordinator = Coordinator(broker, self.worker_id, lease_ttl, poll_every)
-        self.records = Records(broker, self.worker_id)
+        self.records = Records(broker, self.worker_id, claim_after)
         self.stop_event = asyncio.Event()
 
     async def liveness(self) -> None:
