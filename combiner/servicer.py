@@ -13,8 +13,7 @@ import logging
 import grpc
 
 from broker import Broker, InvalidInput
-from broker.codec import pack
-from broker.tasks import Task
+from broker.records import Task
 from combiner import __version__
 from combiner.errors import streaming, unary
 from combiner.metrics import OPEN_STREAMS
@@ -136,7 +135,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def SendModelMetric(self, request: pb.ModelMetric, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
-            "metrics": pack({m.key: m.value for m in request.metrics}),
+            "metrics": {m.key: m.value for m in request.metrics},  # the broker packs it
             "step": str(request.step.value) if request.HasField("step") else "",
             "model_id": request.model_id,
             "round_id": request.round_id,
@@ -150,7 +149,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def SendAttributeMessage(self, request: pb.AttributeMessage, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
-            "attributes": pack({a.key: a.value for a in request.attributes}),
+            "attributes": {a.key: a.value for a in request.attributes},
             "timestamp": timestamp(request.timestamp),
         }
         await self.broker.inbound.add("attributes", client_id, fields, name)
@@ -160,7 +159,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def SendTelemetryMessage(self, request: pb.TelemetryMessage, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
-            "telemetries": pack({t.key: t.value for t in request.telemetries}),
+            "telemetries": {t.key: t.value for t in request.telemetries},
             "timestamp": timestamp(request.timestamp),
         }
         await self.broker.inbound.add("telemetry", client_id, fields, name)
