@@ -62,9 +62,9 @@ async def fedavg(args) -> dict:
         "rss_before_kb": before["rss_kb"],
         "hwm_kb": after["hwm_kb"],
         "peak_above_kb": after["hwm_kb"] - base,
-        "model_out": rnd.get("model_out", ""),
-        "updates": int(rnd.get("updates", 0)),
-        "rejected": json.loads(rnd.get("rejected", "{}")),
+        "model_out": rnd.model_out,
+        "updates": rnd.update_count,
+        "rejected": json.loads(rnd.rejected or "{}"),
     }
 
 

@@ -204,7 +204,7 @@ class Bench:
     async def clear(self, prefix: str) -> int:
         """Delete every key under a prefix (between scenarios)."""
         broker = await self.broker("bench")
-        client = broker.redis
+        client = broker._redis
         n = 0
         batch = []
         async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
@@ -287,7 +287,7 @@ class Bench:
                 call = chan.unary_unary("/bench.Control/Count")
                 return int(await call(b"", timeout=5))
         broker = await self.broker(dep.prefix)
-        return await broker.redis.zcard(broker.keys.streams)
+        return await broker._redis.zcard(broker._keys.streams)
 
     async def release(self, dep: Deployment) -> int:
         async with grpc.aio.insecure_channel(dep.target) as chan:

@@ -1,4 +1,11 @@
-"""The Broker: the one object the front end and the workers hold to reach Redis."""
+"""The Broker: the one object the front end and the workers hold to reach Redis.
+
+Its public names are its parts (presence, tasks, inbound, models, wakeups, sessions,
+replicas), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
+schema, scripts, batcher and settings are private (tests/test_layout.py keeps combiner/ and
+workers/ off them). Tests and benchmarks that must look at Redis itself (to assert what was
+or was not written) may read ``_redis``, ``_keys`` and ``_batcher``; nothing else may.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from broker.inbound import Inbound
 from broker.keys import Keys
 from broker.models import ModelStore
 from broker.presence import Presence
+from broker.replicas import Replicas
 from broker.retry import RetryPolicy
 from broker.scripts import Scripts
 from broker.sessions import Sessions
@@ -29,6 +37,21 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class PipelineCounters:
+    """Read-only view of the batcher's counters (for metrics)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+
+    @property
+    def round_trips(self) -> int:
+        return self._batcher.round_trips
+
+    @property
+    def calls(self) -> int:
+        return self._batcher.calls
+
+
 class Broker:
     def __init__(
         self,
@@ -38,24 +61,28 @@ class Broker:
         model_dir: str | None = None,
         policy: RetryPolicy | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        self._settings = settings or Settings()
         self.replica_id = replica_id or default_replica_id()
-        self.keys = Keys(self.settings.prefix)
-        self.scripts = Scripts()
+        self._keys = Keys(self._settings.prefix)
+        self._scripts = Scripts()
         policy = policy or RetryPolicy()
-        self.redis = client
-        self.batcher = Batcher(client, self.scripts, policy, window=self.settings.batch_window)
-        self.ctx = Context(client, self.keys, self.scripts, policy, self.batcher, self.settings)
-        self.presence = Presence(self.ctx, self.replica_id)
-        self.tasks = TaskQueues(self.ctx, self.replica_id)
-        self.inbound = Inbound(self.ctx, self.presence)
-        self.models = ModelStore(self.ctx, model_dir)
-        self.wakeups = Wakeups(self.ctx)
-        self.sessions = Sessions(self.ctx)
+        self._redis = client
+        self._batcher = Batcher(client, self._scripts, policy, window=self._settings.batch_window)
+        self._ctx = Context(
+            client, self._keys, self._scripts, policy, self._batcher, self._settings
+        )
+        self.presence = Presence(self._ctx, self.replica_id)
+        self.tasks = TaskQueues(self._ctx, self.replica_id, self.presence)
+        self.inbound = Inbound(self._ctx, self.presence)
+        self.models = ModelStore(self._ctx, model_dir)
+        self.wakeups = Wakeups(self._ctx)
+        self.sessions = Sessions(self._ctx)
+        self.replicas = Replicas(self._ctx, self.replica_id, self.presence)
+        self.pipeline_counters = PipelineCounters(self._batcher)
 
     async def start(self) -> None:
         """Load the scripts (bounded retries); raises BrokerUnavailable if Redis is down."""
-        await self.ctx.call(self.scripts.load, self.redis)
+        await self._ctx.call(self._scripts.load, self._redis)
 
     async def close(self) -> None:
         if self._closed:
@@ -63,13 +90,13 @@ class Broker:
         self._closed = True
         await self.wakeups.stop()
         try:
-            await asyncio.wait_for(self.batcher.flush(), 5)
+            await asyncio.wait_for(self._batcher.flush(), 5)
         except Exception:
             pass  # Redis gone: those calls fail with BrokerUnavailable by themselves
-        await self.redis.aclose()
+        await self._redis.aclose()
 
     async def ping(self) -> bool:
-        return bool(await self.ctx.call(self.redis.ping))
+        return bool(await self._ctx.call(self._redis.ping))
 
     _closed = False
 

@@ -17,6 +17,20 @@ def unpack(data: bytes):
 PACKED_FIELDS = ("metrics", "attributes", "telemetries")
 
 
+def encode_entry(fields: dict) -> dict:
+    """A stream entry as Redis stores it: PACKED_FIELDS msgpack-packed (bytes there count
+    as packed already), the rest as given (scalars; redis-py writes them as strings)."""
+    out = {}
+    for key, value in fields.items():
+        if key in PACKED_FIELDS and not isinstance(value, bytes):
+            out[key] = pack(value)
+        elif isinstance(value, dict | list):
+            raise TypeError(f"stream field {key!r} is not one of the msgpack fields")
+        else:
+            out[key] = value
+    return out
+
+
 def decode_entry(fields: dict) -> dict:
     """A stream entry as Python values: msgpack fields unpacked, the rest as str."""
     out = {}

@@ -11,6 +11,8 @@ import redis.exceptions as rex
 from broker.codec import decode_entry
 from broker.context import Context, text
 
+Entry = tuple[str, str, dict]  # (stream kind, entry id, decoded fields)
+
 
 class StreamGroup:
     def __init__(self, ctx: Context, group: str, consumer: str, kinds: tuple[str, ...]) -> None:
@@ -31,7 +33,7 @@ class StreamGroup:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def _entries(self, reply) -> list[tuple[str, str, dict]]:
+    def _entries(self, reply) -> list[Entry]:
         out = []
         for stream, entries in reply or ():
             kind = self._streams[text(stream)]
@@ -41,7 +43,7 @@ class StreamGroup:
                 out.append((kind, text(entry_id), decode_entry(fields)))
         return out
 
-    async def read(self, count: int = 200, block_ms: int = 1000) -> list[tuple[str, str, dict]]:
+    async def read(self, count: int = 200, block_ms: int = 1000) -> list[Entry]:
         """New entries for this consumer: (kind, entry id, fields)."""
         try:
             reply = await self._ctx.call(
@@ -59,7 +61,7 @@ class StreamGroup:
             return []
         return self._entries(reply)
 
-    async def claim(self, min_idle: float, count: int = 200) -> list[tuple[str, str, dict]]:
+    async def claim(self, min_idle: float, count: int = 200) -> list[Entry]:
         """Entries other consumers left pending for longer than min_idle seconds."""
         out = []
         for stream, _kind in self._streams.items():
@@ -80,7 +82,7 @@ class StreamGroup:
             out += self._entries([(stream, reply[1])])
         return out
 
-    async def ack(self, entries: list[tuple[str, str, dict]]) -> None:
+    async def ack(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[str]] = {}
         for kind, entry_id, _ in entries:
             by_stream.setdefault(self._ctx.keys.inbound(kind), []).append(entry_id)

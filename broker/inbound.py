@@ -3,7 +3,10 @@ answers OK. Workers consume them with consumer groups."""
 
 from __future__ import annotations
 
+from broker.codec import encode_entry
+from broker.consumers import Entry, StreamGroup
 from broker.context import Context, now_str
+from broker.keys import INBOUND_KINDS
 from broker.presence import Presence
 
 
@@ -11,11 +14,13 @@ class Inbound:
     def __init__(self, ctx: Context, presence: Presence) -> None:
         self._ctx = ctx
         self._presence = presence
+        self._groups: dict[tuple[str, str], StreamGroup] = {}
 
     async def add(self, kind: str, client_id: str, fields: dict, name: str = "") -> str:
-        """Append one message and count it as contact; returns the stream entry id."""
+        """Append one message and count it as contact; returns the stream entry id.
+        Nested values (metrics, attributes, telemetries: plain dicts) are packed here."""
         stream = self._ctx.keys.inbound(kind)
-        entry = {"client_id": client_id, "received_at": now_str(), **fields}
+        entry = {"client_id": client_id, "received_at": now_str(), **encode_entry(fields)}
         maxlen = self._ctx.settings.stream_maxlen
 
         def build(pipe):
@@ -55,3 +60,34 @@ class Inbound:
             return lambda replies: bool(replies[0][1])
 
         return await self._presence.submit(client_id, build)
+
+    # --- consumer groups over every inbound stream (the workers' side) ---------------------
+
+    def _group(self, group: str, consumer: str = "") -> StreamGroup:
+        key = (group, consumer)
+        if key not in self._groups:
+            self._groups[key] = StreamGroup(self._ctx, group, consumer, INBOUND_KINDS)
+        return self._groups[key]
+
+    async def ensure_group(self, group: str) -> None:
+        """Create the consumer group on every inbound stream (from the start), if missing."""
+        await self._group(group).ensure()
+
+    async def read(
+        self, group: str, consumer: str, count: int = 200, block_ms: int = 1000
+    ) -> list[Entry]:
+        """New entries for this consumer: (kind, entry id, fields), msgpack fields unpacked."""
+        return await self._group(group, consumer).read(count, block_ms)
+
+    async def claim(
+        self, group: str, consumer: str, min_idle: float, count: int = 200
+    ) -> list[Entry]:
+        """Entries other consumers left pending for longer than min_idle seconds."""
+        return await self._group(group, consumer).claim(min_idle, count)
+
+    async def ack(self, group: str, entries: list[Entry]) -> None:
+        await self._group(group).ack(entries)
+
+    async def lag(self, group: str) -> dict[str, dict]:
+        """Per inbound stream: its length, and the group's pending count and lag."""
+        return await self._group(group).lag()

@@ -23,7 +23,7 @@ P:taskref:T                        string  client id owning task T (lookup by id
 P:clients                          zset    client id -> last seen (unix seconds)
 P:streams                          zset    client id -> lease expiry of an open TaskStream
 P:replicas                         zset    replica id -> lease expiry
-P:replica:R                        hash    replica id, address, started, streams, pid
+P:replica:R                        hash    id, address, pid, started, streams, clients, seen
 P:in:KIND                          stream  inbound messages (updates, validations, ...)
 P:model:M                          hash    model meta: state, size, sha256, store, chunks
 P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)

@@ -16,10 +16,26 @@ class Presence:
         self._ctx = ctx
         self._replica = replica_id
         self._last_write: dict[str, float] = {}
+        # client id -> last time this replica served it (local only: a replica's client
+        # count in P:replica:R costs no Redis work per call)
+        self._served: dict[str, float] = {}
+
+    def served(self, client_id: str, at: float | None = None) -> None:
+        """Count one call of this client on this replica."""
+        self._served[client_id] = now() if at is None else at
+
+    def served_count(self) -> int:
+        """Distinct clients this replica served within offline_after (forgets older ones)."""
+        cutoff = now() - self._ctx.settings.offline_after
+        stale = [c for c, t in self._served.items() if t < cutoff]
+        for c in stale:
+            del self._served[c]
+        return len(self._served)
 
     def touch_commands(self, pipe, client_id: str, name: str = "") -> None:
         """Queue the presence writes for one contact, unless written very recently."""
         t = now()
+        self._served[client_id] = t
         if t - self._last_write.get(client_id, 0.0) < self._ctx.settings.presence_every:
             return
         if len(self._last_write) > 200_000:
@@ -63,6 +79,7 @@ class Presence:
         """Announce Disconnect: offline at once; workers time out its tasks."""
         keys = self._ctx.keys
         self.forget_throttle(client_id)
+        self._served.pop(client_id, None)  # it said goodbye: no longer one of ours
 
         def build(pipe):
             pipe.hset(
@@ -87,6 +104,8 @@ class Presence:
         if not client_ids:
             return
         keys, t = self._ctx.keys, now()
+        for c in client_ids:
+            self.served(c, t)
 
         def build(pipe):
             pipe.zadd(keys.streams, {c: t + lease for c in client_ids})

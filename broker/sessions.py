@@ -10,8 +10,7 @@ import uuid
 
 from broker.context import Context, now_str, text, text_map
 from broker.errors import InvalidInput
-
-ACTIVE = ("queued", "running")
+from broker.records import ACTIVE_SESSION_STATES, RoundRecord, SessionRecord, SessionStatus
 
 
 class Sessions:
@@ -23,15 +22,15 @@ class Sessions:
     async def create(self, config: dict, seed_model_id: str, session_id: str = "") -> str:
         session_id = session_id or str(uuid.uuid4())
         keys = self._ctx.keys
-        record = {
-            "id": session_id,
-            "status": "queued",
-            "config": json.dumps(config),
-            "seed_model_id": seed_model_id,
-            "model_id": seed_model_id,
-            "current_round": "1",
-            "created_at": now_str(),
-        }
+        record = SessionRecord(
+            id=session_id,
+            status=SessionStatus.QUEUED,
+            config=config,
+            seed_model_id=seed_model_id,
+            model_id=seed_model_id,
+            current_round="1",
+            created_at=now_str(),
+        ).to_hash()
 
         async def write():
             pipe = self._ctx.redis.pipeline(transaction=True)
@@ -45,18 +44,15 @@ class Sessions:
             raise InvalidInput(f"session {session_id!r} already exists")
         return session_id
 
-    async def get(self, session_id: str) -> dict:
+    async def get(self, session_id: str) -> SessionRecord | None:
         raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.session(session_id))
-        record = text_map(raw)
-        if record.get("config"):
-            record["config"] = json.loads(record["config"])
-        return record
+        return SessionRecord.from_hash(text_map(raw)) if raw else None
 
     async def update(self, session_id: str, **fields) -> None:
         await self._ctx.call(
             self._ctx.redis.hset,
             self._ctx.keys.session(session_id),
-            mapping={k: str(v) for k, v in fields.items()},
+            mapping=SessionRecord.partial_hash(**fields),
         )
 
     async def all(self) -> list[str]:
@@ -76,7 +72,7 @@ class Sessions:
             return await pipe.execute()
 
         return [s for s, st in zip(ids, await self._ctx.call(statuses), strict=True)
-                if text(st) in ACTIVE]  # fmt: skip
+                if text(st) in ACTIVE_SESSION_STATES]  # fmt: skip
 
     # --- the lease -----------------------------------------------------------------------
 
@@ -111,17 +107,17 @@ class Sessions:
 
     # --- rounds --------------------------------------------------------------------------
 
-    async def round(self, session_id: str, round_id: str) -> dict[str, str]:
+    async def round(self, session_id: str, round_id: str) -> RoundRecord | None:
         raw = await self._ctx.call(
             self._ctx.redis.hgetall, self._ctx.keys.round(session_id, round_id)
         )
-        return text_map(raw)
+        return RoundRecord.from_hash(text_map(raw)) if raw else None
 
     async def update_round(self, session_id: str, round_id: str, **fields) -> None:
         await self._ctx.call(
             self._ctx.redis.hset,
             self._ctx.keys.round(session_id, round_id),
-            mapping={k: str(v) for k, v in fields.items()},
+            mapping=RoundRecord.partial_hash(**fields),
         )
 
     async def set_round_once(self, session_id: str, round_id: str, field: str, value) -> str:
@@ -153,9 +149,11 @@ class Sessions:
         )
         return text_map(raw)
 
-    async def expire_session(self, session_id: str, rounds: int, ttl: int) -> None:
-        """Per-round keys expire once the session is over (records are kept as long)."""
+    async def expire_session(self, session_id: str, rounds: int, ttl: int | None = None) -> None:
+        """Per-round keys expire once the session is over (records are kept as long:
+        task_ttl unless ttl is given)."""
         keys = self._ctx.keys
+        ttl = self._ctx.settings.task_ttl if ttl is None else ttl
 
         async def expire():
             pipe = self._ctx.redis.pipeline(transaction=False)
@@ -186,12 +184,16 @@ class Sessions:
         )
         return [json.loads(v) for v in raw]
 
-    async def add_records(self, items: list[tuple[str, str, str, str, dict]], ttl: int) -> None:
+    async def add_records(
+        self, items: list[tuple[str, str, str, str, dict]], ttl: int | None = None
+    ) -> None:
         """Keep stream records: (session id, client id, kind, entry id, record). Keyed by
-        entry id, so a record processed twice (after a worker died) is stored once."""
+        entry id, so a record processed twice (after a worker died) is stored once. They
+        expire after task_ttl unless ttl is given."""
         if not items:
             return
         keys = self._ctx.keys
+        ttl = self._ctx.settings.task_ttl if ttl is None else ttl
 
         async def write():
             pipe = self._ctx.redis.pipeline(transaction=False)

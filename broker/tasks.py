@@ -16,26 +16,11 @@ from broker.batching import Build
 from broker.context import Context, now_str, text, text_map
 from broker.errors import Conflict, InvalidInput
 from broker.keys import encode_id
+from broker.presence import Presence
+from broker.records import WIRE_FIELDS, Task
 
 TASK_TYPES = ("Fedn_ModelUpdate", "Fedn_Validation", "Fedn_Prediction")
-FINAL_STATES = ("completed", "failed", "interrupted", "cancelled", "timeout", "lost")
 PUSH_PER_CALL = 200  # tasks per push.lua call
-# Fields of a TaskRequest, in the order the Lua scripts return them.
-WIRE_FIELDS = ("correlation_id", "type", "model_id", "data", "session_id", "round_id", "timestamp")
-
-
-@dataclass
-class Task:
-    """A task as the client sees it (TaskRequest fields)."""
-
-    correlation_id: str
-    type: str
-    client_id: str = ""
-    model_id: str = ""
-    data: str = ""
-    session_id: str = ""
-    round_id: str = ""
-    timestamp: str = ""
 
 
 @dataclass
@@ -76,15 +61,14 @@ def _task_data(task_type: str, data: str, session_id: str, round_id: str) -> str
 
 
 def _task_from(values: list, client_id: str) -> Task:
-    return Task(
-        client_id=client_id, **{k: text(v) for k, v in zip(WIRE_FIELDS, values, strict=True)}
-    )
+    return Task.from_wire([text(v) for v in values], client_id)
 
 
 class TaskQueues:
-    def __init__(self, ctx: Context, replica_id: str) -> None:
+    def __init__(self, ctx: Context, replica_id: str, presence: Presence) -> None:
         self._ctx = ctx
         self._replica = replica_id
+        self._presence = presence  # poll and stream_take write presence in Lua: count them
 
     async def push(
         self,
@@ -181,6 +165,7 @@ class TaskQueues:
         response: str = "",
     ) -> PollReply:
         """One PollAndReport, as one script call shared with concurrent RPCs' pipelines."""
+        self._presence.served(client_id)
         keys, s = self._ctx.keys, self._ctx.settings
         script_keys = [
             keys.client(client_id),
@@ -214,6 +199,7 @@ class TaskQueues:
 
     async def take_for_stream(self, client_id: str, limit: int = 100) -> list[Task]:
         """Every queued task of a client, for its TaskStream (each taken exactly once)."""
+        self._presence.served(client_id)
         keys = self._ctx.keys
         script_keys = [
             keys.client(client_id),

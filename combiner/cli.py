@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from broker import Broker, BrokerError, connect
-from broker.context import Settings
+from broker import Broker, BrokerError, Settings, connect
 from broker.embedded import EmbeddedRedis
+from broker.records import SessionStatus
 from combiner import __version__, logs
+from combiner.render import print_session, print_status, print_task
+from combiner.views import task_view
 
 if TYPE_CHECKING:
     from combiner.server import ServeOptions
@@ -202,7 +204,7 @@ def start_metrics(port: int | None, broker: Broker) -> None:
     if port:
         from combiner import metrics
 
-        metrics.track_batcher(broker.batcher)
+        metrics.track_batcher(broker.pipeline_counters)
         metrics.serve_metrics(port)
 
 
@@ -362,46 +364,6 @@ async def task_push(cfg: Config, **kw) -> None:
         click.echo(corr)
 
 
-RESULT_FIELDS = {
-    "Fedn_ModelUpdate": ("model_update_id", "model update id"),
-    "Fedn_Validation": ("result", "validation"),
-    "Fedn_Prediction": ("result", "prediction"),
-}
-
-
-def task_view(record: dict[str, str]) -> dict:
-    """A task as `task show` presents it: state, the client's report, the result."""
-    kind = record.get("type", "")
-    field, _ = RESULT_FIELDS.get(kind, ("report_response", "response"))
-    result = record.get(field, "")
-    if kind in ("Fedn_Validation", "Fedn_Prediction") or kind.startswith("Custom_"):
-        try:
-            result = json.loads(result) if result else None
-        except ValueError:
-            pass  # stored as the client sent it
-    view = {
-        "correlation_id": record.get("correlation_id", ""),
-        "client_id": record.get("client_id", ""),
-        "type": kind,
-        "state": record.get("state", ""),
-        "flag": record.get("flag", ""),
-        "model_id": record.get("model_id", ""),
-        "session_id": record.get("session_id", ""),
-        "round_id": record.get("round_id", ""),
-        "attempts": int(record.get("attempts", "0") or 0),
-        "delivered_via": record.get("via", ""),
-        "report": {
-            "status": record.get("report_status", ""),
-            "response": record.get("report_response", ""),
-            "at": record.get("reported_at", ""),
-        },
-        "result": result,
-    }
-    if kind == "Fedn_ModelUpdate":
-        view["model_update_id"] = record.get("model_update_id", "")
-    return view
-
-
 @task.command("show")
 @redis_options
 @click.argument("correlation_id")
@@ -413,19 +375,7 @@ async def task_show(cfg: Config, **kw) -> None:
         record = await broker.tasks.show(kw["correlation_id"])
     if not record:
         raise click.ClickException(f"no task {kw['correlation_id']!r}")
-    view = task_view(record)
-    if kw["as_json"]:
-        click.echo(json.dumps(view, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None)
-    for key, value in view.items():
-        if isinstance(value, dict | list):
-            value = json.dumps(value)
-        table.add_row(key, "" if value is None else str(value))
-    Console().print(table)
+    print_task(task_view(record), kw["as_json"])
 
 
 @main.command()
@@ -528,14 +478,14 @@ async def session_start(cfg: Config, **kw) -> None:
         click.echo(f"session {session_id} queued; waiting for a worker", err=True)
         view = await wait_for_session(broker, session_id, quiet=kw["as_json"])
     print_session(view, kw["as_json"])
-    if view["status"] != "completed":
+    if view["status"] != SessionStatus.COMPLETED:
         sys.exit(1)
 
 
 async def wait_for_session(broker: Broker, session_id: str, quiet: bool) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from combiner.views import session_view
+    from combiner.views import rounds_done, session_active, session_view
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -547,38 +497,11 @@ async def wait_for_session(broker: Broker, session_id: str, quiet: bool) -> dict
     ) as progress:
         view = await session_view(broker, session_id)
         bar = progress.add_task(f"session {session_id[:8]}", total=view["config"]["rounds"])
-        while view["status"] in ("queued", "running"):
+        while session_active(view):
             await asyncio.sleep(0.5)
             view = await session_view(broker, session_id)
-            done = sum(1 for r in view["rounds"] if r["status"] == "done")
-            progress.update(bar, completed=done)
+            progress.update(bar, completed=rounds_done(view))
     return view
-
-
-def print_session(view: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(view, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(
-        f"session [bold]{view['session_id']}[/]: {view['status']}"
-        + (f" ({view['error']})" if view["error"] else "")
-        + f"\nglobal model: {view['model_id']}"
-    )
-    table = Table("round", "status", "clients", "updates", "validations", "model")
-    for r in view["rounds"]:
-        table.add_row(
-            r["round_id"],
-            r["status"] + (f": {r['reason']}" if r["reason"] else ""),
-            str(len(r["clients"])),
-            str(r["updates"]),
-            str(r["validations"]),
-            r["model_id"],
-        )
-    console.print(table)
 
 
 @session.command("show")
@@ -614,30 +537,7 @@ async def status(cfg: Config, **kw) -> None:
             view = await client_view(broker, kw["client_id"])
         else:
             view = await status_view(broker)
-    if kw["as_json"] or kw["client_id"]:
-        click.echo(json.dumps(view, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table("replica", "address", "streams")
-    for r in view["replicas"]:
-        table.add_row(r["id"], r["address"], str(r["streams"]))
-    console.print(table)
-    clients = view["clients"]
-    console.print(f"clients: {len(clients['online'])} online, {len(clients['offline'])} offline")
-    table = Table("stream", "length", "pending", "lag")
-    for kind, info in view["streams"].items():
-        table.add_row(kind, str(info["length"]), str(info["pending"]), str(info["lag"]))
-    console.print(table)
-    cur = view["current_session"]
-    console.print(
-        f"current session: {cur['session_id']} round {cur['round']}/{cur['rounds']} "
-        f"({cur['status']})"
-        if cur
-        else "no session running"
-    )
+    print_status(view, kw["as_json"] or bool(kw["client_id"]))
 
 
 @main.command()

@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from broker import connect
-from broker.context import Settings
+from broker import Settings, connect
 from broker.embedded import EmbeddedRedis
+from broker.records import RoundStatus, SessionStatus
 from combiner.processes import Child
 from combiner.refclient import ReferenceClient
-from combiner.views import session_view, status_view
+from combiner.views import rounds_done, session_active, session_view, status_view
 from workers.fedavg import save_npz
 
 FEATURES = 8
@@ -159,17 +159,18 @@ async def run_demo(
                         )
                     got = await _updates_so_far(broker, session_id, rid)
                     phase = {
-                        "waiting": "waiting for clients",
-                        "collecting": f"training: {got}/{len(r['clients'])} updates",
-                        "aggregating": "aggregating",
-                        "validating": "validating",
-                        "done": f"done: {r['updates']} updates, {r['validations']} validations",
-                        "failed": f"failed: {r['reason']}",
+                        RoundStatus.WAITING: "waiting for clients",
+                        RoundStatus.COLLECTING: f"training: {got}/{len(r['clients'])} updates",
+                        RoundStatus.AGGREGATING: "aggregating",
+                        RoundStatus.VALIDATING: "validating",
+                        RoundStatus.DONE: f"done: {r['updates']} updates, "
+                        f"{r['validations']} validations",
+                        RoundStatus.FAILED: f"failed: {r['reason']}",
                     }.get(r["status"], r["status"])
                     progress.update(bars[rid], completed=got, phase=phase)
-                if view["status"] not in ("queued", "running"):
+                if not session_active(view):
                     break
-                done_rounds = sum(r["status"] == "done" for r in view["rounds"])
+                done_rounds = rounds_done(view)
                 if restart and not restarted and replicas > 1 and done_rounds >= rounds // 2:
                     restarted = True
                     victim = servers[0]
@@ -185,14 +186,14 @@ async def run_demo(
         status = await status_view(broker)
         messages = sum(s["length"] for s in status["streams"].values())
         final = state / "demo-final-model.npz"
-        if view["status"] == "completed":
+        if view["status"] == SessionStatus.COMPLETED:
             await asyncio.to_thread(final.write_bytes, await broker.models.get(view["model_id"]))
         summary = {
             "session": view,
             "elapsed_seconds": round(elapsed, 2),
             "messages": messages,
             "messages_per_second": round(messages / elapsed, 1) if elapsed else 0.0,
-            "final_model_file": str(final) if view["status"] == "completed" else "",
+            "final_model_file": str(final) if view["status"] == SessionStatus.COMPLETED else "",
             "prefix": prefix,
             "redis_url": redis_url,
             "embedded": embedded is not None,

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -105,33 +104,23 @@ class Replica:
     async def _keep_up(self) -> None:
         """Renew this replica's lease and the leases of its open TaskStreams."""
         every = max(1.0, self.opts.stream_keepalive / 3)
-        keys = self.broker.keys
         while True:
             try:
                 streams = list(self.combiner.open_streams)
                 await self.broker.presence.renew_streams(streams, lease=3 * every + 5)
-                await self.broker.ctx.call(self._register, keys, len(streams), 3 * every + 5)
+                await self.register(lease=3 * every + 5)
             except BrokerError as exc:
                 log.warning("upkeep: %s", exc)
             await asyncio.sleep(every)
 
-    async def _register(self, keys, streams: int, lease: float) -> None:
-        pipe = self.broker.redis.pipeline(transaction=True)
-        rid = self.broker.replica_id
-        pipe.zadd(keys.replicas, {rid: time.time() + lease})
-        pipe.hset(
-            keys.replica(rid),
-            mapping={
-                "id": rid,
-                "address": f"{self.opts.host}:{self.port}",
-                "pid": os.getpid(),
-                "started": f"{self.started:.3f}",
-                "streams": streams,
-                "seen": f"{time.time():.3f}",
-            },
+    async def register(self, lease: float) -> None:
+        """Announce this replica (address, open streams, clients served) for lease seconds."""
+        await self.broker.replicas.register(
+            address=f"{self.opts.host}:{self.port}",
+            started=self.started,
+            streams=len(self.combiner.open_streams),
+            lease=lease,
         )
-        pipe.expire(keys.replica(rid), int(lease) + 1)
-        await pipe.execute()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING and keep serving for drain_delay, so the load balancer
@@ -149,14 +138,7 @@ class Replica:
         await self.server.stop(grace)
         await self.models.cache.close()
         with contextlib.suppress(Exception):
-            await self.broker.ctx.call(self._deregister)
-
-    async def _deregister(self) -> None:
-        keys, rid = self.broker.keys, self.broker.replica_id
-        pipe = self.broker.redis.pipeline(transaction=True)
-        pipe.zrem(keys.replicas, rid)
-        pipe.delete(keys.replica(rid))
-        await pipe.execute()
+            await self.broker.replicas.deregister()
 
     async def __aenter__(self) -> Replica:
         await self.start()

@@ -13,8 +13,7 @@ import logging
 import grpc
 
 from broker import Broker, InvalidInput
-from broker.codec import pack
-from broker.tasks import Task
+from broker.records import Task
 from combiner import __version__
 from combiner.metrics import OPEN_STREAMS
 from combiner.pb import scaleout_pb2 as pb
@@ -131,7 +130,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def SendModelMetric(self, request: pb.ModelMetric, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
-            "metrics": pack({m.key: m.value for m in request.metrics}),
+            "metrics": {m.key: m.value for m in request.metrics},  # the broker packs it
             "step": str(request.step.value) if request.HasField("step") else "",
             "model_id": request.model_id,
             "round_id": request.round_id,
@@ -144,7 +143,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def SendAttributeMessage(self, request: pb.AttributeMessage, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
-            "attributes": pack({a.key: a.value for a in request.attributes}),
+            "attributes": {a.key: a.value for a in request.attributes},
             "timestamp": timestamp(request.timestamp),
         }
         await self.broker.inbound.add("attributes", client_id, fields, name)
@@ -153,7 +152,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
     async def SendTelemetryMessage(self, request: pb.TelemetryMessage, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
         fields = {
-            "telemetries": pack({t.key: t.value for t in request.telemetries}),
+            "telemetries": {t.key: t.value for t in request.telemetries},
             "timestamp": timestamp(request.timestamp),
         }
         await self.broker.inbound.add("telemetry", client_id, fields, name)

@@ -1,13 +1,12 @@
-"""What `session show`, `session start --wait --json` and `status` print, built from Redis."""
+"""What `session show`, `session start --wait --json`, `task show` and `status` print, built
+from the broker's typed records (combiner/render.py turns them into text)."""
 
 from __future__ import annotations
 
 import json
-import time
 
 from broker import Broker, NotFound
-from broker.consumers import StreamGroup
-from broker.keys import INBOUND_KINDS
+from broker.records import ACTIVE_SESSION_STATES, RoundStatus, SessionRecord, TaskRecord
 
 
 def _json(value: str, default):
@@ -19,15 +18,14 @@ def _json(value: str, default):
 
 async def session_view(broker: Broker, session_id: str) -> dict:
     record = await broker.sessions.get(session_id)
-    if not record:
+    if record is None:
         raise NotFound(f"no session {session_id!r}")
-    cfg = record.get("config", {})
     metrics = await broker.sessions.records(session_id, "metrics")
     rounds = []
-    for r in range(1, int(cfg.get("rounds", 0)) + 1):
+    for r in range(1, record.rounds + 1):
         rid = str(r)
         rnd = await broker.sessions.round(session_id, rid)
-        if not rnd:
+        if rnd is None:
             break
         vtasks = await broker.sessions.round_tasks(session_id, rid, "validations")
         vrecords = await broker.tasks.records(vtasks)
@@ -39,13 +37,13 @@ async def session_view(broker: Broker, session_id: str) -> dict:
         rounds.append(
             {
                 "round_id": rid,
-                "status": rnd.get("status", ""),
-                "model_in": rnd.get("model_in", ""),
-                "model_id": rnd.get("model_out", ""),
-                "clients": _json(rnd.get("clients", ""), []),
-                "updates": int(rnd.get("updates", "0") or 0),
-                "aggregated": _json(rnd.get("aggregated", ""), []),
-                "rejected": _json(rnd.get("rejected", ""), {}),
+                "status": rnd.status,
+                "model_in": rnd.model_in,
+                "model_id": rnd.model_out,
+                "clients": rnd.client_ids,
+                "updates": rnd.update_count,
+                "aggregated": _json(rnd.aggregated, []),
+                "rejected": _json(rnd.rejected, {}),
                 "validations": len(validations),
                 "validation_results": validations,
                 "metrics": [
@@ -57,23 +55,32 @@ async def session_view(broker: Broker, session_id: str) -> dict:
                     for m in metrics
                     if m.get("round_id") == rid
                 ],
-                "reason": rnd.get("reason", ""),
+                "reason": rnd.reason,
             }
         )
     return {
         "session_id": session_id,
-        "status": record.get("status", ""),
-        "model_id": record.get("model_id", ""),
-        "seed_model_id": record.get("seed_model_id", ""),
-        "current_round": int(record.get("current_round", "1")),
-        "config": cfg,
-        "error": record.get("error", ""),
+        "status": record.status,
+        "model_id": record.model_id,
+        "seed_model_id": record.seed_model_id,
+        "current_round": record.round_number,
+        "config": record.config,
+        "error": record.error,
         "driver": await broker.sessions.holder(session_id),
         "records": {
             kind: len(await broker.sessions.records(session_id, kind)) for kind in SESSION_RECORDS
         },
         "rounds": rounds,
     }
+
+
+def rounds_done(view: dict) -> int:
+    return sum(1 for r in view["rounds"] if r["status"] == RoundStatus.DONE)
+
+
+def session_active(view: dict) -> bool:
+    """Whether a session view (or a status view's session) is still to be driven."""
+    return view["status"] in ACTIVE_SESSION_STATES
 
 
 SESSION_RECORDS = ("updates", "validations", "predictions", "metrics", "reports")
@@ -100,40 +107,31 @@ async def client_view(broker: Broker, client_id: str) -> dict:
 
 async def status_view(broker: Broker) -> dict:
     """Replicas alive, clients online/offline, stream lengths and lag, current sessions."""
-    r, keys, now = broker.redis, broker.keys, time.time()
-    replicas = []
-    for rid, expiry in await broker.ctx.call(r.zrange, keys.replicas, 0, -1, withscores=True):
-        rid = rid.decode()
-        if expiry < now:
-            continue
-        info = {
-            k.decode(): v.decode()
-            for k, v in (await broker.ctx.call(r.hgetall, keys.replica(rid))).items()
+    replicas = [
+        {
+            "id": r.id,
+            "address": r.address,
+            "streams": r.stream_count,
+            "clients": r.client_count,
         }
-        replicas.append(
-            {
-                "id": rid,
-                "address": info.get("address", ""),
-                "streams": int(info.get("streams", "0") or 0),
-                "clients": int(info.get("clients", "0") or 0),
-            }
-        )
+        for r in await broker.replicas.alive()
+    ]
     seen = await broker.presence.clients()
     online = set(await broker.presence.online())
-    streams = await StreamGroup(broker.ctx, "records", "status", INBOUND_KINDS).lag()
+    streams = await broker.inbound.lag("records")
     sessions = []
     for sid in await broker.sessions.all():
-        rec = await broker.sessions.get(sid)
+        rec = await broker.sessions.get(sid) or SessionRecord(id=sid, status="")
         sessions.append(
             {
                 "session_id": sid,
-                "status": rec.get("status", ""),
-                "round": int(rec.get("current_round", "1")),
-                "rounds": int(rec.get("config", {}).get("rounds", 0)),
-                "model_id": rec.get("model_id", ""),
+                "status": rec.status,
+                "round": rec.round_number,
+                "rounds": rec.rounds,
+                "model_id": rec.model_id,
             }
         )
-    current = next((s for s in sessions if s["status"] in ("queued", "running")), None)
+    current = next((s for s in sessions if session_active(s)), None)
     return {
         "replicas": replicas,
         "clients": {
@@ -144,3 +142,44 @@ async def status_view(broker: Broker) -> dict:
         "sessions": sessions,
         "current_session": current,
     }
+
+
+RESULT_FIELDS = {
+    "Fedn_ModelUpdate": ("model_update_id", "model update id"),
+    "Fedn_Validation": ("result", "validation"),
+    "Fedn_Prediction": ("result", "prediction"),
+}
+
+
+def task_view(raw: dict[str, str]) -> dict:
+    """A task as `task show` presents it: state, the client's report, the result."""
+    task = TaskRecord.from_hash(raw)
+    kind = task.type
+    field, _ = RESULT_FIELDS.get(kind, ("report_response", "response"))
+    result = getattr(task, field)
+    if kind in ("Fedn_Validation", "Fedn_Prediction") or kind.startswith("Custom_"):
+        try:
+            result = json.loads(result) if result else None
+        except ValueError:
+            pass  # stored as the client sent it
+    view = {
+        "correlation_id": task.correlation_id,
+        "client_id": task.client_id,
+        "type": kind,
+        "state": task.state,
+        "flag": task.flag,
+        "model_id": task.model_id,
+        "session_id": task.session_id,
+        "round_id": task.round_id,
+        "attempts": task.attempt_count,
+        "delivered_via": task.via,
+        "report": {
+            "status": task.report_status,
+            "response": task.report_response,
+            "at": task.reported_at,
+        },
+        "result": result,
+    }
+    if kind == "Fedn_ModelUpdate":
+        view["model_update_id"] = task.model_update_id
+    return view

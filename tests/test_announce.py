@@ -16,7 +16,7 @@ async def announce(stubs, kind: str, parameters: str = "", client_id: str = "c1"
 
 async def presence_events(broker) -> list[tuple[str, str]]:
     out = []
-    for _, fields in await broker.redis.xrange(broker.keys.inbound("presence")):
+    for _, fields in await broker._redis.xrange(broker._keys.inbound("presence")):
         out.append((fields[b"client_id"].decode(), fields[b"event"].decode()))
     return out
 

@@ -126,7 +126,7 @@ async def stream_holders(broker, client_ids) -> dict[str, str]:
     """client id -> replica id that accepted its latest TaskStream (every TaskStream open
     records a 'connect' presence event with the serving replica)."""
     holders = {}
-    for _, fields in await broker.redis.xrange(broker.keys.inbound("presence")):
+    for _, fields in await broker._redis.xrange(broker._keys.inbound("presence")):
         f = {text(k): text(v) for k, v in fields.items()}
         if f.get("event") == "connect" and f.get("client_id") in client_ids:
             holders[f["client_id"]] = f["replica"]
@@ -283,8 +283,8 @@ async def test_kill_9_mid_upload_exposes_nothing_and_the_retry_elsewhere_succeed
     async def staged() -> int:
         """Chunks the replica has staged in Redis for this upload (not visible yet)."""
         n = 0
-        async for key in broker.redis.scan_iter(match=f"{broker.keys.model(model_id)}:upload:*"):
-            n = max(n, await broker.redis.llen(key))
+        async for key in broker._redis.scan_iter(match=f"{broker._keys.model(model_id)}:upload:*"):
+            n = max(n, await broker._redis.llen(key))
         return n
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.replicas[0].port}") as direct:
@@ -305,9 +305,9 @@ async def test_kill_9_mid_upload_exposes_nothing_and_the_retry_elsewhere_succeed
     meta_after = await broker.models.meta(model_id)
     assert meta_after.get("state", "uploading") == "uploading", meta_after
     assert "sha256" not in meta_after and "size" not in meta_after
-    async for key in broker.redis.scan_iter(match=f"{broker.keys.model(model_id)}:upload:*"):
-        assert await broker.redis.ttl(key) > 0  # the orphan goes away by itself
-    assert not await broker.redis.exists(broker.keys.model_chunks(model_id))
+    async for key in broker._redis.scan_iter(match=f"{broker._keys.model(model_id)}:upload:*"):
+        assert await broker._redis.ttl(key) > 0  # the orphan goes away by itself
+    assert not await broker._redis.exists(broker._keys.model_chunks(model_id))
     async with grpc.aio.insecure_channel(cluster.target) as channel:
         models = pb_grpc.ModelServiceStub(channel)
         got, code = await _download(models, model_id)
@@ -430,7 +430,7 @@ async def test_redis_restart_mid_session_loses_nothing_acknowledged(cluster, pre
 
     # Every metric acknowledged with OK is in P:in:metrics after the restart.
     stored: dict[str, Counter] = {cid: Counter() for cid in CLIENTS}
-    for _, fields in await broker.redis.xrange(broker.keys.inbound("metrics")):
+    for _, fields in await broker._redis.xrange(broker._keys.inbound("metrics")):
         stored[text(fields[b"client_id"])][int(fields[b"step"])] += 1
     for cid in CLIENTS:
         missing = [s for s in acked[cid] if stored[cid][s] == 0]
@@ -470,7 +470,7 @@ async def _any_refused(refused):
 
 async def _pubsub_clients(broker, n):
     try:
-        return len(await broker.redis.client_list(_type="pubsub")) == n
+        return len(await broker._redis.client_list(_type="pubsub")) == n
     except Exception:  # the test's own connection may hit the restart too
         return False
 
@@ -584,7 +584,7 @@ async def test_1000_streams_get_every_task_once_across_a_replica_kill(cluster, p
 
 
 async def _streams_open(broker, n):
-    live = await broker.redis.zcount(broker.keys.streams, time.time(), "+inf")
+    live = await broker._redis.zcount(broker._keys.streams, time.time(), "+inf")
     return live >= n
 
 

@@ -27,7 +27,7 @@ async def entries(broker, kind: str) -> list[dict]:
     """The whole inbound stream of one kind, read back with XRANGE: scalar fields must be
     UTF-8 text, the nested ones (metrics, attributes, telemetries) msgpack."""
     out = []
-    for _, raw in await broker.redis.xrange(broker.keys.inbound(kind)):
+    for _, raw in await broker._redis.xrange(broker._keys.inbound(kind)):
         fields = {}
         for k, v in raw.items():
             key = k.decode()
@@ -129,7 +129,7 @@ async def test_result_for_someone_elses_task_leaves_the_task_alone(stubs, broker
 
     assert await broker.tasks.show(corr) == before
     # nothing was created in the intruder's slot under that correlation id either
-    assert not await broker.redis.exists(broker.keys.task("intruder", corr))
+    assert not await broker._redis.exists(broker._keys.task("intruder", corr))
     # the messages themselves are kept (a worker decides what they are worth)
     assert (await entries(broker, "updates"))[0]["client_id"] == "intruder"
     assert len(await entries(broker, "validations")) == 1
@@ -269,10 +269,10 @@ async def test_empty_client_id_is_invalid_argument_and_writes_nothing(
     assert "client id" in err.value.details()
 
     for kind in INBOUND_KINDS:
-        assert await broker.redis.xlen(broker.keys.inbound(kind)) == 0
+        assert await broker._redis.xlen(broker._keys.inbound(kind)) == 0
     # only the replica's own registration may exist under this test's prefix
-    keys = [k.decode() async for k in broker.redis.scan_iter(match=f"{broker.keys.prefix}:*")]
-    replica_keys = (broker.keys.replicas, f"{broker.keys.prefix}:replica:")
+    keys = [k.decode() async for k in broker._redis.scan_iter(match=f"{broker._keys.prefix}:*")]
+    replica_keys = (broker._keys.replicas, f"{broker._keys.prefix}:replica:")
     assert [k for k in keys if not k.startswith(replica_keys)] == []
 
 
@@ -288,10 +288,10 @@ async def test_caller_cancelled_mid_batch_does_not_fail_the_rest_of_its_batch(br
 
     def build_second(pipe):
         first.cancel()  # the first caller goes away after its commands were queued
-        pipe.xadd(broker.keys.inbound("metrics"), {"client_id": "stays"})
+        pipe.xadd(broker._keys.inbound("metrics"), {"client_id": "stays"})
         return lambda replies: replies[0]
 
-    second = asyncio.ensure_future(broker.batcher.submit(build_second))
+    second = asyncio.ensure_future(broker._batcher.submit(build_second))
     entry_id = await asyncio.wait_for(second, 10)
     assert entry_id
     with pytest.raises(asyncio.CancelledError):

@@ -151,8 +151,8 @@ async def poll(stubs, client_id: str, **report) -> pb.TaskRequest:
 
 
 async def test_nasty_ids_end_to_end_stay_apart_and_under_the_prefix(stubs, broker, replica):
-    before = await all_keys(broker.redis)
-    prefix = broker.keys.prefix
+    before = await all_keys(broker._redis)
+    prefix = broker._keys.prefix
 
     pushed = {}
     for client_id, corr in zip(E2E_CLIENTS, E2E_CORRS, strict=True):
@@ -198,7 +198,7 @@ async def test_nasty_ids_end_to_end_stay_apart_and_under_the_prefix(stubs, broke
         await broker.models.put(model_id.encode(), model_id)
         assert await broker.models.get(model_id) == model_id.encode()
 
-    new = {k.decode() for k in await all_keys(broker.redis) - before}
+    new = {k.decode() for k in await all_keys(broker._redis) - before}
     assert new, "the test wrote nothing?"
     outside = [k for k in new if not k.startswith(f"{prefix}:")]
     assert outside == []
@@ -229,4 +229,4 @@ async def test_unsafe_model_ids_are_refused_before_any_key(stubs, broker):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stubs.models.Download(pb.ModelRequest(model_id=model_id)).read()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert [k async for k in broker.redis.scan_iter(match=f"{broker.keys.prefix}:model:*")] == []
+    assert [k async for k in broker._redis.scan_iter(match=f"{broker._keys.prefix}:model:*")] == []

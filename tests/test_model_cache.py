@@ -52,7 +52,7 @@ async def spoil(store, model_id: str) -> None:
     if store.model_dir is not None:
         (store.model_dir / model_id).unlink()
     else:
-        await store.broker.redis.delete(store.broker.keys.model_chunks(model_id))
+        await store.broker._redis.delete(store.broker._keys.model_chunks(model_id))
 
 
 async def test_second_download_is_served_from_memory(cached):
@@ -151,6 +151,6 @@ async def test_a_store_read_shorter_than_the_meta_is_not_served_whole(cached):
     if cached.model_dir is not None:
         (cached.model_dir / "m").write_bytes(data[:MiB])
     else:
-        await cached.broker.redis.rpop(cached.broker.keys.model_chunks("m"))
+        await cached.broker._redis.rpop(cached.broker._keys.model_chunks("m"))
     assert await code_of(download(cached.stubs, "m")) != grpc.StatusCode.OK
     assert cached.replica.models.cache._bytes == 0

@@ -65,12 +65,12 @@ class Store:
 
     async def keys_of(self, model_id: str) -> list[str]:
         # encoded ids only hold [A-Za-z0-9._~%-]: no glob characters
-        pattern = self.broker.keys.model(model_id) + "*"
-        return [k.decode() async for k in self.broker.redis.scan_iter(match=pattern)]
+        pattern = self.broker._keys.model(model_id) + "*"
+        return [k.decode() async for k in self.broker._redis.scan_iter(match=pattern)]
 
     async def all_model_keys(self) -> list[str]:
-        pattern = f"{self.broker.keys.prefix}:model:*"
-        return [k.decode() async for k in self.broker.redis.scan_iter(match=pattern)]
+        pattern = f"{self.broker._keys.prefix}:model:*"
+        return [k.decode() async for k in self.broker._redis.scan_iter(match=pattern)]
 
     def files(self) -> list[pathlib.Path]:
         if self.model_dir is None:
@@ -118,10 +118,13 @@ async def test_multi_mib_round_trip(store, chunk):
     if store.model_dir is not None:
         assert (store.model_dir / "m-1").read_bytes() == data
         assert [p.name for p in store.files()] == ["m-1"]  # no staging file left behind
-        assert await store.keys_of("m-1") == [store.broker.keys.model("m-1")]
+        assert await store.keys_of("m-1") == [store.broker._keys.model("m-1")]
     else:
         assert sorted(await store.keys_of("m-1")) == sorted(
-            [store.broker.keys.model("m-1"), store.broker.keys.model_chunks("m-1")]
+            [
+                store.broker._keys.model("m-1"),
+                store.broker._keys.model_chunks("m-1"),
+            ]
         )
 
 

@@ -105,8 +105,8 @@ async def test_status_json_describes_a_known_cluster(make_replica, broker, redis
         corr = await broker.tasks.push("st1", "Fedn_Validation", model_id="m")
         assert (await stream.read()).correlation_id == corr
         # a stale client: seen long ago
-        await broker.redis.zadd(broker.keys.clients, {"old": 1.0})
-        await replica._register(broker.keys, len(replica.combiner.open_streams), 30)
+        await broker._redis.zadd(broker._keys.clients, {"old": 1.0})
+        await replica.register(lease=30)
         done = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "combiner", "status", "--json",
@@ -118,6 +118,8 @@ async def test_status_json_describes_a_known_cluster(make_replica, broker, redis
     view = json.loads(done.stdout)
     assert [r["id"] for r in view["replicas"]] == [replica.broker.replica_id]
     assert view["replicas"][0]["streams"] == 1
+    # on1, on2 polled, st1 streams; gone said Disconnect (no longer counted)
+    assert view["replicas"][0]["clients"] == 3
     assert view["clients"]["online"] == ["on1", "on2", "st1"]
     assert view["clients"]["offline"] == ["gone", "old"]
     assert view["streams"]["presence"]["length"] == 3  # connect, disconnect, stream open

@@ -112,11 +112,11 @@ async def test_two_tasks_to_two_clients_stay_apart(stubs, broker):
 
 async def test_push_many_queues_one_task_per_client_in_few_round_trips(stubs, broker):
     clients = [f"c{i}" for i in range(2500)]
-    trips = broker.batcher.round_trips
+    trips = broker._batcher.round_trips
     corrs = await broker.tasks.push_many(
         clients, "Fedn_ModelUpdate", model_id="m", session_id="s", round_id="2"
     )
-    assert broker.batcher.round_trips - trips <= 3  # 1000 script calls per pipeline
+    assert broker._batcher.round_trips - trips <= 3  # 1000 script calls per pipeline
     assert len(set(corrs)) == len(clients) and None not in corrs
     for client in ("c0", "c1234", "c2499"):
         task = await stubs.combiner.PollAndReport(
@@ -148,7 +148,7 @@ async def test_push_many_again_with_the_same_ids_pushes_nothing_twice(stubs, bro
 async def test_push_many_bad_input_writes_nothing(broker, clients, kind, data):
     with pytest.raises(InvalidInput):
         await broker.tasks.push_many(clients, kind, data=data)
-    assert await broker.redis.keys(f"{broker.keys.prefix}:*") == []
+    assert await broker._redis.keys(f"{broker._keys.prefix}:*") == []
 
 
 async def test_client_id_from_metadata_when_body_is_empty(stubs, broker):
@@ -168,7 +168,7 @@ async def test_empty_client_id_everywhere_is_invalid_argument(stubs, broker):
 async def test_poll_survives_redis_losing_its_script_cache(stubs, broker):
     """After a Redis restart without persistence EVALSHA answers NOSCRIPT: reload, retry."""
     corr = await broker.tasks.push("c1", "Fedn_Validation", model_id="m")
-    await broker.redis.script_flush()
+    await broker._redis.script_flush()
     assert (await poll(stubs, status="")).correlation_id == corr
-    await broker.redis.script_flush()
+    await broker._redis.script_flush()
     assert await broker.tasks.flag(corr, "abort") == "delivered"

@@ -94,7 +94,7 @@ async def test_redis_down_gives_failed_precondition_then_recovers(redis_server):
         await until_ok(lambda: poll(stubs))
         await until_ok(lambda: send_metric(stubs, 2.0))
 
-        entries = await replica.broker.redis.xrange(replica.broker.keys.inbound("metrics"))
+        entries = await replica.broker._redis.xrange(replica.broker._keys.inbound("metrics"))
         assert entries and entries[-1][1][b"client_id"] == b"c1"
         # and the rest works again too: a new task is handed out and a model round-trips
         corr = await replica.broker.tasks.push("c1", "Fedn_Validation", model_id="m")
@@ -136,7 +136,7 @@ async def test_acknowledged_metric_survives_sigkill_with_appendfsync_always(aof_
         aof_server.start()  # same port and data folder: the AOF is replayed
 
         async def read_back():
-            return await replica.broker.redis.xrange(replica.broker.keys.inbound("metrics"))
+            return await replica.broker._redis.xrange(replica.broker._keys.inbound("metrics"))
 
         entries = await until_redis(read_back)
         assert len(entries) == 1

@@ -165,7 +165,7 @@ async def test_stream_maxlen_from_the_environment_caps_the_streams(monkeypatch, 
     async with open_broker(cfg) as broker:
         for i in range(400):
             await broker.inbound.add("metrics", f"c{i % 7}", {"step": str(i)})
-        length = await broker.ctx.call(broker.redis.xlen, broker.keys.inbound("metrics"))
+        length = await broker._ctx.call(broker._redis.xlen, broker._keys.inbound("metrics"))
     # MAXLEN ~ trims whole stream nodes (100 entries by default), so "about 5"
     assert length < 200, length
 

@@ -131,7 +131,7 @@ async def test_task_pushed_while_pubsub_is_down_is_delivered_after_recovery(stub
         return lambda replies: replies[0]
 
     killed, corr = await asyncio.gather(
-        broker.batcher.submit(kill),
+        broker._batcher.submit(kill),
         broker.tasks.push("c1", "Fedn_Validation", model_id="m"),
     )
     assert killed >= 1
@@ -191,7 +191,7 @@ async def test_open_stream_keeps_the_client_online_and_closing_ends_the_lease(
     await stream_ready(replica)
 
     async def lease():
-        return await broker.redis.zscore(broker.keys.streams, "c1")
+        return await broker._redis.zscore(broker._keys.streams, "c1")
 
     assert await eventually(lease, what="a stream lease")
     assert "c1" in await broker.presence.online()
@@ -221,4 +221,4 @@ async def test_empty_client_id_is_invalid_argument(stubs, broker):
         await call.read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await broker.presence.online() == []
-    assert await broker.redis.xlen(broker.keys.inbound("presence")) == 0
+    assert await broker._redis.xlen(broker._keys.inbound("presence")) == 0

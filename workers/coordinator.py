@@ -24,7 +24,7 @@ import time
 import uuid
 
 from broker import Broker, BrokerError, BrokerUnavailable
-from broker.tasks import FINAL_STATES
+from broker.records import RoundRecord, RoundStatus, SessionStatus, TaskRecord
 from workers.fedavg import BadUpdate, StreamingMean, release_large_buffers, save_npz
 from workers.metrics import ROUND_SECONDS, ROUNDS
 
@@ -91,7 +91,8 @@ class Coordinator:
         sessions = self.broker.sessions
         # The list of active sessions may be stale: the session may have ended (and its
         # lease been released) since. Then there is nothing to drive and no driver to log.
-        if (await sessions.get(session_id)).get("status") not in ("queued", "running"):
+        record = await sessions.get(session_id)
+        if record is None or not record.active:
             await sessions.lease(session_id, self.worker_id, "release", self.lease_ttl)
             return
         await sessions.log_driver(session_id, self.worker_id)
@@ -128,13 +129,15 @@ class Coordinator:
     async def drive(self, session_id: str) -> None:
         sessions = self.broker.sessions
         record = await sessions.get(session_id)
-        if record.get("status") not in ("queued", "running"):
+        if record is None or not record.active:
             return
-        cfg = {**DEFAULTS, **record.get("config", {})}
-        if record["status"] == "queued":
-            await sessions.update(session_id, status="running", started_at=f"{time.time():.3f}")
-        model_id = record["model_id"]
-        r = int(record.get("current_round", "1"))
+        cfg = {**DEFAULTS, **record.config}
+        if record.status == SessionStatus.QUEUED:
+            await sessions.update(
+                session_id, status=SessionStatus.RUNNING, started_at=f"{time.time():.3f}"
+            )
+        model_id = record.model_id
+        r = record.round_number
         try:
             while r <= int(cfg["rounds"]):
                 model_id = await self.run_round(session_id, str(r), model_id, cfg)
@@ -143,68 +146,77 @@ class Coordinator:
         except RoundFailed as exc:
             log.error("session %s failed: %s", session_id, exc)
             await sessions.update(
-                session_id, status="failed", error=str(exc), finished_at=f"{time.time():.3f}"
+                session_id,
+                status=SessionStatus.FAILED,
+                error=str(exc),
+                finished_at=f"{time.time():.3f}",
             )
         else:
             log.info("session %s completed; final model %s", session_id, model_id)
-            await sessions.update(session_id, status="completed", finished_at=f"{time.time():.3f}")
-        await sessions.expire_session(session_id, int(cfg["rounds"]), self.broker.settings.task_ttl)
+            await sessions.update(
+                session_id, status=SessionStatus.COMPLETED, finished_at=f"{time.time():.3f}"
+            )
+        await sessions.expire_session(session_id, int(cfg["rounds"]))
 
     # --- a round ---------------------------------------------------------------------------
 
     async def run_round(self, session_id: str, round_id: str, model_in: str, cfg: dict) -> str:
         sessions = self.broker.sessions
         rnd = await sessions.round(session_id, round_id)
-        if not rnd:
+        if rnd is None:
             await sessions.update_round(
                 session_id,
                 round_id,
-                status="waiting",
+                status=RoundStatus.WAITING,
                 model_in=model_in,
                 started_at=f"{time.time():.3f}",
             )
             rnd = await sessions.round(session_id, round_id)
             log.info("session %s round %s: waiting for clients", session_id, round_id)
-        status = rnd["status"]
-        if status == "failed":
-            raise RoundFailed(f"round {round_id}: {rnd.get('reason', 'failed')}")
-        if status == "waiting":
+        status = rnd.status
+        if status == RoundStatus.FAILED:
+            raise RoundFailed(f"round {round_id}: {rnd.reason or 'failed'}")
+        if status == RoundStatus.WAITING:
             await self._start_training(session_id, round_id, rnd, cfg)
-            status = "collecting"
-        if status == "collecting":
+            status = RoundStatus.COLLECTING
+        if status == RoundStatus.COLLECTING:
             rnd = await sessions.round(session_id, round_id)
             tasks = await sessions.round_tasks(session_id, round_id, "tasks")
-            await self.collect(tasks, float(rnd["deadline"]))
-            await sessions.update_round(session_id, round_id, status="aggregating")
-            status = "aggregating"
-        if status == "aggregating":
+            await self.collect(tasks, float(rnd.deadline))
+            await sessions.update_round(session_id, round_id, status=RoundStatus.AGGREGATING)
+            status = RoundStatus.AGGREGATING
+        if status == RoundStatus.AGGREGATING:
             await self._aggregate(session_id, round_id, cfg)
-            status = "validating" if cfg["validate"] else "done"
+            status = RoundStatus.VALIDATING if cfg["validate"] else RoundStatus.DONE
             await sessions.update_round(session_id, round_id, status=status)
-        if status == "validating":
+        if status == RoundStatus.VALIDATING:
             await self._validate(session_id, round_id, cfg)
-            status = "done"
+            status = RoundStatus.DONE
             await sessions.update_round(session_id, round_id, status=status)
         rnd = await sessions.round(session_id, round_id)
-        if not rnd.get("finished_at"):
+        if not rnd.finished_at:
             finished = time.time()
             await sessions.update_round(session_id, round_id, finished_at=f"{finished:.3f}")
             ROUNDS.labels("done").inc()
-            ROUND_SECONDS.observe(finished - float(rnd["started_at"]))
-        log.info("session %s round %s done: model %s", session_id, round_id, rnd["model_out"])
-        return rnd["model_out"]
+            ROUND_SECONDS.observe(finished - float(rnd.started_at))
+        log.info("session %s round %s done: model %s", session_id, round_id, rnd.model_out)
+        return rnd.model_out
 
     async def _fail(self, session_id: str, round_id: str, reason: str) -> None:
         ROUNDS.labels("failed").inc()
         await self.broker.sessions.update_round(
-            session_id, round_id, status="failed", reason=reason, finished_at=f"{time.time():.3f}"
+            session_id,
+            round_id,
+            status=RoundStatus.FAILED,
+            reason=reason,
+            finished_at=f"{time.time():.3f}",
         )
         raise RoundFailed(f"round {round_id}: {reason}")
 
-    async def _start_training(self, session_id: str, round_id: str, rnd: dict, cfg: dict):
+    async def _start_training(self, session_id: str, round_id: str, rnd: RoundRecord, cfg: dict):
         sessions = self.broker.sessions
         wait = cfg["client_wait"] if cfg["client_wait"] is not None else cfg["round_timeout"]
-        deadline = float(rnd["started_at"]) + float(wait)
+        deadline = float(rnd.started_at) + float(wait)
         min_clients = int(cfg["min_clients"])
         while True:
             online = await self.broker.presence.online()
@@ -223,7 +235,7 @@ class Coordinator:
         tasks = {correlation_id(session_id, round_id, "train", c): c for c in selected}
         await sessions.update_round(session_id, round_id, clients=json.dumps(selected))
         await sessions.add_round_tasks(session_id, round_id, "tasks", tasks)
-        model_in = rnd["model_in"]
+        model_in = rnd.model_in
         data = json.dumps(
             {
                 "client_settings": cfg["client_settings"],
@@ -238,7 +250,7 @@ class Coordinator:
         await sessions.set_round_once(
             session_id, round_id, "deadline", f"{time.time() + float(cfg['round_timeout']):.3f}"
         )
-        await sessions.update_round(session_id, round_id, status="collecting")
+        await sessions.update_round(session_id, round_id, status=RoundStatus.COLLECTING)
         log.info("session %s round %s: %d training tasks pushed", session_id, round_id, len(tasks))
 
     async def _push(self, tasks, task_type, model_id, data, session_id, round_id) -> None:
@@ -260,12 +272,11 @@ class Coordinator:
             records = await queues.records(tasks)
             online = set(await self.broker.presence.online())
             open_ = []
-            for corr, rec in records.items():
-                if rec.get("result_at") or rec.get("state") in FINAL_STATES:
+            for corr, raw in records.items():
+                rec = TaskRecord.from_hash(raw)
+                if rec.settled or rec.flag == "timeout":
                     continue
-                if rec.get("flag") == "timeout":
-                    continue
-                if tasks[corr] not in online or not rec:
+                if tasks[corr] not in online or not raw:  # no record: it expired
                     await queues.flag(corr, "timeout")  # its client is gone
                     continue
                 open_.append(corr)
@@ -280,21 +291,25 @@ class Coordinator:
     async def _aggregate(self, session_id: str, round_id: str, cfg: dict) -> None:
         sessions, models = self.broker.sessions, self.broker.models
         tasks = await sessions.round_tasks(session_id, round_id, "tasks")
-        records = await self.broker.tasks.records(tasks)
+        records = {
+            corr: TaskRecord.from_hash(raw)
+            for corr, raw in (await self.broker.tasks.records(tasks)).items()
+        }
         kept = sorted(
-            (tasks[corr], rec) for corr, rec in records.items() if rec.get("model_update_id")
+            ((tasks[corr], rec) for corr, rec in records.items() if rec.model_update_id),
+            key=lambda item: item[0],
         )
         mean = StreamingMean()
         used, rejected = [], {}
         for client, rec in kept:
             try:
-                meta = json.loads(rec.get("result_meta") or "{}")
+                meta = json.loads(rec.result_meta or "{}")
                 weight = float(meta["training_metadata"]["num_examples"])
             except (ValueError, KeyError, TypeError):
                 rejected[client] = "missing or invalid meta.training_metadata.num_examples"
                 continue
             try:
-                data = await models.get(rec["model_update_id"])
+                data = await models.get(rec.model_update_id)
                 await asyncio.to_thread(mean.add_npz, data, weight)
                 del data  # else it lives on while the next update is fetched
             except BrokerUnavailable:
@@ -326,10 +341,10 @@ class Coordinator:
         sessions = self.broker.sessions
         rnd = await sessions.round(session_id, round_id)
         online = set(await self.broker.presence.online())
-        clients = [c for c in json.loads(rnd.get("clients", "[]")) if c in online]
+        clients = [c for c in rnd.client_ids if c in online]
         tasks = {correlation_id(session_id, round_id, "validate", c): c for c in clients}
         await sessions.add_round_tasks(session_id, round_id, "validations", tasks)
-        await self._push(tasks, "Fedn_Validation", rnd["model_out"], "", session_id, round_id)
+        await self._push(tasks, "Fedn_Validation", rnd.model_out, "", session_id, round_id)
         deadline = await sessions.set_round_once(
             session_id,
             round_id,

@@ -8,31 +8,32 @@ import logging
 import time
 
 from broker import Broker, BrokerError
-from broker.consumers import StreamGroup
-from broker.keys import INBOUND_KINDS
 from workers.metrics import RECORDS, STREAM_LAG, STREAM_PENDING
 
 log = logging.getLogger("workers.records")
+
+GROUP = "records"  # one consumer group shared by every worker; `combiner status` shows its lag
 
 
 class Records:
     def __init__(self, broker: Broker, worker_id: str, claim_after: float = 30.0) -> None:
         self.broker = broker
-        self.group = StreamGroup(broker.ctx, "records", worker_id, INBOUND_KINDS)
+        self.worker_id = worker_id  # this worker's consumer name in the group
         self.claim_after = claim_after
         self.processed = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.broker.ctx.call(self.group.ensure)
+        inbound = self.broker.inbound
+        await inbound.ensure_group(GROUP)
         last_claim = last_lag = 0.0
         while not stop.is_set():
             try:
-                entries = await self.group.read(block_ms=1000)
+                entries = await inbound.read(GROUP, self.worker_id, block_ms=1000)
                 if time.monotonic() - last_claim > self.claim_after / 2:
-                    entries += await self.group.claim(self.claim_after)
+                    entries += await inbound.claim(GROUP, self.worker_id, self.claim_after)
                     last_claim = time.monotonic()
                 if time.monotonic() - last_lag > 5:
-                    for kind, info in (await self.group.lag()).items():
+                    for kind, info in (await inbound.lag(GROUP)).items():
                         STREAM_LAG.labels(kind).set(info["lag"] or 0)
                         STREAM_PENDING.labels(kind).set(info["pending"] or 0)
                     last_lag = time.monotonic()
@@ -53,8 +54,8 @@ class Records:
             )
             for kind, entry_id, fields in entries
         ]
-        await self.broker.sessions.add_records(items, self.broker.settings.task_ttl)
-        await self.group.ack(entries)
+        await self.broker.sessions.add_records(items)
+        await self.broker.inbound.ack(GROUP, entries)
         self.processed += len(entries)
         for kind, _, _ in entries:
             RECORDS.labels(kind).inc()

@@ -66,7 +66,7 @@ async def run(bench: Bench) -> dict:
     # The same with glibc's mmap threshold pinned (no dynamic raise): freed model-sized
     # buffers go back to the OS instead of staying in the heap. See bench/README.md.
     broker = await bench.broker(prefix)
-    await broker.redis.hdel(broker.keys.round(SESSION, ROUND), "model_out")
+    await broker._redis.hdel(broker._keys.round(SESSION, ROUND), "model_out")
     pinned = await run_child(
         bench, fedavg, "aggregate-fedavg-mmap", within=1800, env={MMAP_ENV: "131072"}
     )
