@@ -27,5 +27,5 @@ def weight(k: int) -> int:
 
 
 def npz(arrs: list[np.ndarray]) -> bytes:
-    """As the client's numpy helper writes a model (np.savez_compressed, protocol.md §9)."""
+    """As the client's numpy helper writes a model (np.savez_compressed, docs/protocol.md §9)."""
     return save_npz(arrs)

@@ -1,7 +1,7 @@
 """Coalesce concurrent callers' Redis commands into one pipeline round trip.
 
 An unpipelined round trip costs about as much as the whole budget of a 4,000 RPS process
-(ARCHITECTURE.md contract 5). Each caller hands a ``build(pipe)`` function that queues its
+(docs/architecture.md contract 5). Each caller hands a ``build(pipe)`` function that queues its
 commands and returns a parser for their replies; callers arriving in the same event-loop
 turn, or while earlier batches are in flight, share one MULTI/EXEC. MULTI/EXEC makes a
 batch all-or-nothing when the connection drops, so no RPC is half-written.

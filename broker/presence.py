@@ -1,6 +1,6 @@
 """Who is online: last seen per client, Announce Connect/Disconnect, open TaskStreams.
 
-Every RPC is a liveness signal (protocol.md §5). A client is online while its last contact
+Every RPC is a liveness signal (docs/protocol.md §5). A client is online while its last contact
 is within ``offline_after`` seconds or it holds an open TaskStream (a lease the serving
 replica keeps renewing). Writes are throttled per client per replica, since telemetry alone
 arrives every 5 s per client and last_seen needs no finer grain than a second.

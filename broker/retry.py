@@ -1,6 +1,6 @@
 """Bounded retries on Redis trouble (tenacity), then BrokerUnavailable.
 
-The 1.0.0 client dies on UNAVAILABLE (protocol.md §3.2), so a replica absorbs short Redis
+The 1.0.0 client dies on UNAVAILABLE (docs/protocol.md §3.2), so a replica absorbs short Redis
 hiccups itself (a reconnect, a failover, a restart with AOF loading) and only then tells
 the client to try again later.
 """

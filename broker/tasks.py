@@ -1,4 +1,4 @@
-"""Durable per-client task queues and task records (protocol.md §4.2, §6).
+"""Durable per-client task queues and task records (docs/protocol.md §4.2, §6).
 
 A task is a hash in the client's slot; the queue holds encoded correlation ids. Handing
 out, reporting, aborting and timing out are Lua scripts, so a task is handed out once per

@@ -1,4 +1,4 @@
-"""The `combiner` command line (ARCHITECTURE.md). Every flag also reads COMBINER_<FLAG>."""
+"""The `combiner` command line (docs/configuration.md). Every flag also reads COMBINER_<FLAG>."""
 
 from __future__ import annotations
 

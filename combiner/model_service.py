@@ -1,4 +1,4 @@
-"""ModelService: Upload and Download of model bytes (protocol.md §4.4, §4.5)."""
+"""ModelService: Upload and Download of model bytes (docs/protocol.md §4.4, §4.5)."""
 
 from __future__ import annotations
 

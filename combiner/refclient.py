@@ -1,7 +1,7 @@
 """A reference asyncio client: speaks the protocol like scaleout 1.0.0 in both modes
 (polling with PollAndReport, or streaming with TaskStream + heartbeats), but retries and
 reconnects after errors instead of dying (the 1.0.0 client dies on UNAVAILABLE,
-protocol.md §3.2). Used by tests, bench/ and the demo.
+docs/protocol.md §3.2). Used by tests, bench/ and the demo.
 
 Training, validation, prediction and custom work are plain functions on numpy arrays.
 """

@@ -38,7 +38,7 @@ class ServeOptions:
 
 def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
     return [
-        # The 1.0.0 client pings every 5 s, also without calls (protocol.md §1, §12).
+        # The 1.0.0 client pings every 5 s, also without calls (docs/protocol.md §1, §12).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
         ("grpc.http2.min_ping_interval_without_data_ms", 4000),

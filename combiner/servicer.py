@@ -1,7 +1,7 @@
 """CombinerClient: every RPC of the seed's control service, translated to broker calls.
 
 Each inbound message is answered only after it is in Redis. Behaviour follows
-protocol.md §4; section numbers below refer to it.
+docs/protocol.md §4; section numbers below refer to it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         """End every open TaskStream (drain). Each ends with FAILED_PRECONDITION, which
         the 1.0.0 client retries by opening a new stream (through the load balancer, on
         another replica). Ending it with OK would end the client's run, and UNAVAILABLE
-        would kill it (protocol.md §3.2, §4.11)."""
+        would kill it (docs/protocol.md §3.2, §4.11)."""
         self._closing.set()
         self.broker.wakeups.wake_all()  # each stream sees _closing when it wakes
 

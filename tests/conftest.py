@@ -70,7 +70,7 @@ async def stubs(replica):
 
 
 def meta(client_id: str = "c1", name: str = "") -> tuple:
-    """The metadata the 1.0.0 client sends on every RPC (protocol.md §1)."""
+    """The metadata the 1.0.0 client sends on every RPC (docs/protocol.md §1)."""
     return (("client", client_id), ("client-id", client_id), ("name", name or client_id))
 
 

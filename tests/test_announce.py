@@ -1,4 +1,4 @@
-"""Announce against a real replica and Redis (protocol.md §2, §4.1, §13.2)."""
+"""Announce against a real replica and Redis (docs/protocol.md §2, §4.1, §13.2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The real `combiner` command line, run as subprocesses against a real Redis
-(ARCHITECTURE.md, "Command line"): clear errors without tracebacks, nothing written on bad
-input, COMBINER_* environment variables, and the embedded Redis under --state-dir."""
+(docs/configuration.md): clear errors without tracebacks, nothing written on bad input,
+COMBINER_* environment variables, and the embedded Redis under --state-dir."""
 
 from __future__ import annotations
 

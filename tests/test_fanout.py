@@ -1,4 +1,4 @@
-"""The wake-up fan-out (broker/wakeups.py, ARCHITECTURE.md contract 4): a replica holds ONE
+"""The wake-up fan-out (broker/wakeups.py, docs/architecture.md contract 4): a replica holds ONE
 pub/sub connection and a bounded command pool whatever the number of open TaskStreams, and
 it notices a dead or silently dead pub/sub connection within seconds and subscribes again
 without losing a task."""

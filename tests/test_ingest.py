@@ -1,4 +1,4 @@
-"""The ingest RPCs against a real replica and Redis (protocol.md §4.6-§4.11, §10): each
+"""The ingest RPCs against a real replica and Redis (docs/protocol.md §4.6-§4.11, §10): each
 answers OK only once its message is in ``P:in:<kind>``, counts as contact, and records
 task results on the task they answer."""
 

@@ -1,4 +1,4 @@
-"""The key schema (ARCHITECTURE.md contract 7): client-supplied ids with key syntax in them
+"""The key schema (docs/architecture.md contract 7): client-supplied ids with key syntax in them
 neither collide nor escape their namespace, per-client keys keep one intact hash tag, and
 end to end (real replica, real Redis) every key stays under the prefix."""
 
@@ -210,7 +210,7 @@ async def test_nasty_ids_end_to_end_stay_apart_and_under_the_prefix(stubs, broke
 
 
 async def test_nasty_id_in_metadata_only_is_used_as_is(stubs, broker):
-    # printable ids can travel as metadata; the body may be empty (protocol.md §5)
+    # printable ids can travel as metadata; the body may be empty (docs/protocol.md §5)
     for client_id in ("x:queue", "x}", "{x}", "x*"):
         md = (("client", client_id), ("client-id", client_id), ("name", client_id))
         await stubs.combiner.SendHeartbeat(pb.Heartbeat(), metadata=md)

@@ -1,5 +1,5 @@
 """ModelService Upload/Download against a real replica and Redis, in both model stores
-(chunks in Redis, files on disk): protocol.md §4.4, §4.5, §10."""
+(chunks in Redis, files on disk): docs/protocol.md §4.4, §4.5, §10."""
 
 from __future__ import annotations
 

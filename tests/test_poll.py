@@ -1,4 +1,4 @@
-"""PollAndReport against a real replica and Redis: protocol.md §4.2, step by step."""
+"""PollAndReport against a real replica and Redis: docs/protocol.md §4.2, step by step."""
 
 from __future__ import annotations
 

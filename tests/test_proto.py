@@ -26,7 +26,7 @@ def test_committed_stubs_match_the_proto(tmp_path):
 
 
 def test_wire_numbers_of_key_messages():
-    """Spot checks against protocol.md §0 (the e2e suite compares the full descriptor)."""
+    """Spot checks against docs/protocol.md §0 (the e2e suite compares the full descriptor)."""
     fields = {f.name: f.number for f in pb.DESCRIPTOR.message_types_by_name["TaskRequest"].fields}
     assert fields == {
         "client_id": 1,

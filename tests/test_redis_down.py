@@ -1,4 +1,4 @@
-"""Redis goes away under a running replica (ARCHITECTURE.md contracts 1 and 6, protocol.md
+"""Redis goes away under a running replica (docs/architecture.md contracts 1 and 6, docs/protocol.md
 §3.2): RPCs get FAILED_PRECONDITION after bounded internal retries (never UNAVAILABLE, which
 kills the 1.0.0 client), the replica recovers by itself when Redis is back, and with
 ``appendfsync always`` nothing acknowledged is lost across a SIGKILL."""

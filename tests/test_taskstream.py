@@ -1,5 +1,5 @@
-"""TaskStream against real replicas and Redis (protocol.md §4.11, ARCHITECTURE.md contract 3):
-queued tasks reach an open stream once, whichever replica holds it, also across a lost
+"""TaskStream against real replicas and Redis (docs/protocol.md §4.11, docs/architecture.md
+contract 3): queued tasks reach an open stream once, whichever replica holds it, also across a lost
 pub/sub connection."""
 
 from __future__ import annotations

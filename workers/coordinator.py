@@ -1,4 +1,4 @@
-"""The session coordinator: drives sessions round by round (protocol.md §8).
+"""The session coordinator: drives sessions round by round (docs/protocol.md §8).
 
 One worker drives a session at a time, holding a lease in Redis that it renews; if it
 dies, the lease expires and another worker takes over. Every step writes its progress to

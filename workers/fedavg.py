@@ -1,4 +1,4 @@
-"""Streamed FedAvg over npz models (protocol.md §9).
+"""Streamed FedAvg over npz models (docs/protocol.md §9).
 
 Models are npz files with arrays named "0".."n-1". The running weighted mean is updated
 one update at a time (``m += w_k (x_k - m) / N``), so memory stays at about one model

@@ -1,6 +1,6 @@
 """transfer: Upload and Download of a model through one replica, Redis and disk stores.
 
-Uploads are sent in 1 MiB chunks (what the 1.0.0 client sends, protocol.md §1) and in
+Uploads are sent in 1 MiB chunks (what the 1.0.0 client sends, docs/protocol.md §1) and in
 32 KiB chunks (the unused constant in the client's grpc_handler: a client that did use
 it). Downloads are served in 1 MiB chunks. Baseline: the bare grpc.aio server streaming
 the same number of bytes from memory (and discarding uploads). The figure is the median

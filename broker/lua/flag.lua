@@ -1,4 +1,4 @@
--- Abort or time out one task (protocol.md §6). A queued task is withdrawn at once; a
+-- Abort or time out one task (docs/protocol.md §6). A queued task is withdrawn at once; a
 -- delivered or running one gets a flag its client sees on the next poll (INTERRUPTED or
 -- TIMEOUT). A finished task is left alone.
 -- KEYS: 1 task hash, 2 client queue

@@ -1,4 +1,4 @@
--- PollAndReport, atomically (protocol.md §4.2). One call per poll.
+-- PollAndReport, atomically (docs/protocol.md §4.2). One call per poll.
 -- KEYS: 1 client hash, 2 client queue, 3 clients zset (last seen), 4 reports stream
 -- ARGV: 1 now, 2 client id, 3 name, 4 replica, 5 correlation id, 6 encoded correlation id,
 --       7 status, 8 done ('1'/'0'), 9 response, 10 task key prefix, 11 reports maxlen

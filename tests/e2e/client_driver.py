@@ -1,11 +1,11 @@
-"""Start the real scaleout 1.0.0 client attached directly to a combiner (protocol.md §14 b).
+"""Start the real scaleout 1.0.0 client attached directly to a combiner (docs/protocol.md §14 b).
 
 Run with the client venv's python, from a folder holding client/scaleout.yaml:
     python client_driver.py HOST PORT CLIENT_ID NAME poll|stream
 
 It builds ImporterClient as `scaleout client start --combiner ... --local-package` does,
 but sets the EdgeClient's id and name first (the direct-attach path never copies them,
-protocol.md §3.1), so the Announce VersionCheck stays in the path. `stream` runs the
+docs/protocol.md §3.1), so the Announce VersionCheck stays in the path. `stream` runs the
 client with run(with_heartbeat=True, with_polling=False): SendHeartbeat + TaskStream.
 """
 

@@ -4,7 +4,7 @@ restarted (graceful drain) or killed (kill -9) while a training session runs.
 The deployment is tests/cluster.py's Cluster: Redis (AOF), three `combiner serve` replicas
 (--drain-delay 1.5), one `combiner worker` and HAProxy with deploy/haproxy.cfg. The clients
 (tests/e2e/harness.py) attach to HAProxy only, so every call of theirs may land on any
-replica. The 1.0.0 client dies on one UNAVAILABLE or "Stream removed" (protocol.md §3.2),
+replica. The 1.0.0 client dies on one UNAVAILABLE or "Stream removed" (docs/protocol.md §3.2),
 so each test checks at the end that every client process is still running and that its
 log has no traceback.
 

@@ -1,6 +1,6 @@
 """The real scaleout==1.0.0 client against one replica started with `combiner serve`.
 
-Everything goes through real processes: the client runs in its own venv (protocol.md §0,
+Everything goes through real processes: the client runs in its own venv (docs/protocol.md §0,
 §14 b), the replica is the CLI's, and the test drives the system only with the CLI
 (`model put/get`, `task push/show`). Each test has its own key prefix, replica and client.
 """

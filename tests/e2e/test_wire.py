@@ -1,6 +1,6 @@
 """Wire compatibility: our `scaleout` proto against the real client's, descriptor to descriptor.
 
-The real scaleout 1.0.0 client runs in its own venv (protocol.md §0: its descriptor cannot
+The real scaleout 1.0.0 client runs in its own venv (docs/protocol.md §0: its descriptor cannot
 share a process with ours), so its FileDescriptorProto is dumped there as JSON and compared
 here, message by message, field by field, with combiner.pb.scaleout_pb2.DESCRIPTOR.
 """
@@ -26,7 +26,7 @@ DUMP = (
 )
 
 FIELD_ATTRS = ("number", "label", "type", "type_name", "oneof_index", "proto3_optional")
-# The messages of protocol.md §0's wire table.
+# The messages of docs/protocol.md §0's wire table.
 SECTION_0 = {
     "Response", "Status", "ModelUpdate", "ModelValidation", "ModelPrediction", "ModelMetric",
     "MetricElem", "TelemetryElem", "AttributeElem", "AttributeMessage", "TelemetryMessage",
@@ -98,7 +98,7 @@ def ours():
 
 
 def test_file_level(theirs, ours):
-    assert theirs.name == "scaleoututil/grpc/scaleout.proto"  # protocol.md §0
+    assert theirs.name == "scaleoututil/grpc/scaleout.proto"  # docs/protocol.md §0
     assert ours.package == theirs.package == "scaleout"
     assert ours.syntax == theirs.syntax
     assert list(ours.dependency) == list(theirs.dependency)

@@ -1,7 +1,7 @@
 """Callbacks of the end-to-end test client (runs inside the real scaleout 1.0.0 client).
 
 The package folder is put first on sys.path and this module is imported by its file stem,
-so the stem is unique (protocol.md §14). The test sets E2E_DELTA and E2E_NUM_EXAMPLES,
+so the stem is unique (docs/protocol.md §14). The test sets E2E_DELTA and E2E_NUM_EXAMPLES,
 and optionally E2E_TRAIN_SECONDS (training takes that long: a slow client) with
 E2E_SLOW_CALLS (the 1-based training calls that are slow, e.g. "2"; empty: all of them),
 and optionally E2E_HOLD_DIR with E2E_HOLD_CALLS (training call k, for each k listed, waits
