@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 
 import redis
 
-from broker.embedded import free_port
+from broker.redis_process import RedisProcess
 
 _LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -72,46 +71,21 @@ class Registry:
         self.procs.clear()
 
 
-class RedisProc:
-    """A private redis-server on a free loopback port (never the one on 6379)."""
+class RedisProc(RedisProcess):
+    """A private redis-server on a free loopback port (never the one on 6379), registered
+    so that the suite's last-resort kill reaches it too."""
 
     def __init__(self, registry: Registry, workdir: pathlib.Path, persistence: str) -> None:
-        self.registry = registry
-        self.dir = workdir / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.persistence = persistence
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProc:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-        aof = ["--appendonly", "no"]
-        if self.persistence != "none":
-            aof = ["--appendonly", "yes", "--appendfsync", self.persistence]
-        args = [
-            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-            "--save", "", *aof, "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        self.process = self.registry.add(
-            subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        aof = persistence != "none"
+        super().__init__(
+            workdir / "redis", appendonly=aof, appendfsync=persistence if aof else "everysec"
         )
-        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.RedisError, OSError):
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start; see {self.dir}") from None
-                time.sleep(0.02)
-        client.close()
+        self.registry = registry
+        self.persistence = persistence
+
+    def start(self, timeout: float | None = None) -> RedisProc:
+        super().start(timeout)
+        self.registry.add(self.process)
         return self
 
     def version(self) -> str:
@@ -120,9 +94,6 @@ class RedisProc:
             return client.info("server")["redis_version"]
         finally:
             client.close()
-
-    def stop(self) -> None:
-        stop_popen(self.process, 10)
 
 
 def stop_popen(proc: subprocess.Popen | None, timeout: float) -> None:

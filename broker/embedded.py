@@ -4,46 +4,34 @@ Used when no ``--redis-url`` is given, so a new user needs no setup. Processes t
 a state folder share its server: the first one starts it and writes its URL to
 ``<state>/redis/redis.url``; later ones find it answering there and reuse it. The server stops
 with the process that started it (AOF keeps the data for the next start).
+
+    url = EmbeddedRedis(state_dir).start()        # ... .stop()
+    async with EmbeddedRedis(state_dir) as url:   # started off the event loop
+        ...
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import pathlib
-import shutil
-import signal
-import socket
-import subprocess
-import time
 
-import redis
+from broker.redis_process import RedisProcess, answers, free_port, in_thread_or_undo
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    """Does a Redis answer PING at url?"""
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError):
-        return False
+__all__ = ["EmbeddedRedis", "answers", "free_port"]  # free_port: tests import it from here
 
 
 class EmbeddedRedis:
     def __init__(self, state_dir: str | os.PathLike, port: int | None = None) -> None:
         self.state_dir = pathlib.Path(state_dir).resolve() / "redis"
         self.port = port
-        self.process: subprocess.Popen | None = None
+        self.server: RedisProcess | None = None  # set only when we started it
         self.url = ""
+
+    @property
+    def process(self):
+        return self.server.process if self.server else None
 
     def start(self, timeout: float = 10.0) -> str:
         """Start (or reuse) the server; returns its URL."""
@@ -54,53 +42,32 @@ class EmbeddedRedis:
             if answers(url):
                 self.url = url
                 return url
-        binary = shutil.which("redis-server")
-        if binary is None:
+        server = RedisProcess(self.state_dir, port=self.port, appendonly=True)
+        try:
+            server.start(timeout)
+        except RuntimeError as exc:
             raise RuntimeError(
-                "no --redis-url given and no redis-server on PATH for the embedded Redis; "
+                f"no --redis-url given and the embedded Redis did not start: {exc}\n"
                 "install Redis 7 (apt-get install redis-server) or pass --redis-url"
-            )
-        port = self.port or free_port()
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--bind", "127.0.0.1",
-                "--port", str(port),
-                "--dir", str(self.state_dir),
-                "--appendonly", "yes",
-                "--appendfsync", "everysec",
-                "--save", "",
-                "--logfile", str(self.state_dir / "redis.log"),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C goes to us; we stop it ourselves
-        )  # fmt: skip
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + timeout
-        while not answers(url):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                log = self.state_dir / "redis.log"
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise RuntimeError(f"embedded redis-server did not start:\n{tail}")
-            time.sleep(0.05)
-        url_file.write_text(url + "\n")
-        self.url = url
+            ) from exc
+        self.server, self.url = server, server.url
+        url_file.write_text(server.url + "\n")
         atexit.register(self.stop)
-        return url
+        return server.url
 
     def stop(self) -> None:
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        """Stop the server if we started it (a reused one belongs to its starter)."""
+        server, self.server = self.server, None
+        if server is None:
             return
-        proc.send_signal(signal.SIGTERM)  # redis-server saves and exits on SIGTERM
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        atexit.unregister(self.stop)
+        server.stop()
         url_file = self.state_dir / "redis.url"
         if url_file.exists() and url_file.read_text().strip() == self.url:
             url_file.unlink()
+
+    async def __aenter__(self) -> str:
+        return await in_thread_or_undo(self.start, self.stop)
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.stop)

@@ -6,14 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pathlib
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 
-from broker.embedded import answers, free_port
+from broker.redis_process import RedisProcess, answers
 
 
 def redis_answers(url: str) -> bool:
@@ -48,50 +43,12 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
-class RedisServer:
-    """A private redis-server on a free loopback port, with its own data folder."""
+class RedisServer(RedisProcess):
+    """A private redis-server on a free loopback port, with its own temporary data folder
+    (removed by close()); start() again after kill() or stop() reuses port and data."""
 
     def __init__(self, *, appendonly: bool = False, fsync: str = "always") -> None:
-        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="redis-test-"))
-        self.port = free_port()
-        self.appendonly = appendonly
-        self.fsync = fsync
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH")
-        args = [
-            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", self.fsync, "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        wait_for(lambda: redis_answers(self.url), 10, what=f"redis on port {self.port}")
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__(appendonly=appendonly, appendfsync=fsync)
 
 
 def docker_answers() -> bool:
