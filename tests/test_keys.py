@@ -1,4 +1,4 @@
-"""The key schema (docs/architecture.md contract 7): client-supplied ids with key syntax in them
+"""The key schema (docs/architecture.md contract 8): client-supplied ids with key syntax in them
 neither collide nor escape their namespace, per-client keys keep one intact hash tag, and
 end to end (real replica, real Redis) every key stays under the prefix."""
 
