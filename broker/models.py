@@ -56,8 +56,8 @@ class Upload:
         self.size = 0
         self.chunks = 0
         self._sha = hashlib.sha256()
-        # What is held between writes: at most one chunk, in one buffer of fixed size
-        # (a growing bytearray keeps its largest size after its front is deleted).
+        # What is held between writes: at most one partial chunk, in a buffer of fixed
+        # size; whole chunks of a message go to the store without being copied into it.
         self._buffer: bytearray | None = None
         self._filled = 0
         self._file = None
