@@ -16,7 +16,6 @@ import grpc
 
 from broker import Broker, InvalidInput
 from broker.errors import BrokerError, NotReady, TooLarge
-from broker.models import Upload
 from combiner.model_cache import ModelCache
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
@@ -39,11 +38,11 @@ class UploadSlots:
     def __init__(self, per_replica: int, per_client: int) -> None:
         self.per_replica = per_replica
         self.per_client = per_client
-        self.active: set[Upload] = set()
+        self.active: set = set()  # the broker's Upload objects in progress
         self._by_client: collections.Counter[str] = collections.Counter()
 
     @contextlib.contextmanager
-    def hold(self, client_id: str, upload: Upload):
+    def hold(self, client_id: str, upload):
         if len(self.active) >= self.per_replica:
             raise TooManyUploads(
                 f"this replica has {len(self.active)} uploads in progress, the most it takes"
@@ -109,7 +108,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             return None
         return chunk.data  # the message itself is dropped here, only its bytes go on
 
-    async def _upload(self, upload: Upload, expected: str, context) -> pb.ModelResponse:
+    async def _upload(self, upload, expected: str, context) -> pb.ModelResponse:
         model_id = upload.model_id
         await upload.begin()
         try:
