@@ -3,6 +3,12 @@
 An upload is staged under a private name (a temp chunk list, or a temp file) and made
 visible in one step by ``model_commit.lua``, so a half-uploaded model is never served.
 While it is staged, the meta says 'uploading' and Download answers "not ready".
+
+Concurrent uploads of one id: the commit script alone picks the winner. In the disk store
+each upload's file keeps a name of its own (``<model id>/<upload id>``) and the winner's meta
+names it, so the bytes behind a meta are always the ones its checksum was taken of; a loser
+removes only its own file. (A file moved to the model's name before the commit could be
+overwritten by the other upload while the meta kept the first one's checksum.)
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import os
 import pathlib
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 
@@ -49,8 +56,12 @@ class Upload:
         self.size = 0
         self.chunks = 0
         self._sha = hashlib.sha256()
-        self._buffer = bytearray()
+        # What is held between writes: at most one partial chunk, in a buffer of fixed
+        # size; whole chunks of a message go to the store without being copied into it.
+        self._buffer: bytearray | None = None
+        self._filled = 0
         self._file = None
+        self._placed: pathlib.Path | None = None  # disk: the file under its final name
         self._tried: set[int] = set()
 
     async def begin(self) -> None:
@@ -63,20 +74,45 @@ class Upload:
             [ctx.settings.upload_ttl, self.upload_id, now_str()],
         )
         if self.store.directory is not None:
-            path = self.store.directory / f".upload-{self.upload_id}"
-            self._file = await asyncio.to_thread(open, path, "wb")
+            self._file = await asyncio.to_thread(open, self._staged_path, "wb")
+
+    @property
+    def _staged_path(self) -> pathlib.Path:
+        return self.store.directory / f".upload-{self.upload_id}"
+
+    @property
+    def file_name(self) -> str:
+        """Disk store: this upload's file, relative to the model dir (the meta's 'file')."""
+        return f"{self.model_id}/{self.upload_id}"
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory this upload holds between writes (its chunk buffer)."""
+        return 0 if self._buffer is None else self._buffer.__sizeof__()
 
     async def write(self, data: bytes) -> None:
+        """Stage data: every full chunk goes to the store at once, only a partial one stays."""
         self.size += len(data)
         if self.size > self.max_bytes:
             raise TooLarge(f"model exceeds the limit of {self.max_bytes} bytes")
         self._sha.update(data)
-        self._buffer += data
-        while len(self._buffer) >= CHUNK:
-            await self._flush(bytes(self._buffer[:CHUNK]))
-            del self._buffer[:CHUNK]
+        view = memoryview(data)
+        while view:
+            if self._filled == 0 and len(view) >= CHUNK:  # a whole chunk: no copy
+                await self._flush(view[:CHUNK])
+                view = view[CHUNK:]
+                continue
+            if self._buffer is None:
+                self._buffer = bytearray(CHUNK)
+            n = min(CHUNK - self._filled, len(view))
+            self._buffer[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == CHUNK:
+                await self._flush(memoryview(self._buffer))
+                self._filled = 0
 
-    async def _flush(self, chunk: bytes) -> None:
+    async def _flush(self, chunk: memoryview) -> None:
         if self._file is not None:
             await asyncio.to_thread(self._file.write, chunk)
         else:
@@ -103,18 +139,19 @@ class Upload:
 
     async def commit(self) -> str:
         """Make the model visible; returns 'ok' or 'same' (identical model already there)."""
-        if self._buffer:
-            await self._flush(bytes(self._buffer))
-            self._buffer.clear()
+        if self._filled:
+            await self._flush(memoryview(self._buffer)[: self._filled])
+            self._filled = 0
+        self._buffer = None
         ctx, store = self.store.ctx, self.store
         if self._file is not None:
             meta = await store.meta(self.model_id)
-            if meta.get("state") == "ok":
+            if meta.get("state") == "ok":  # decided already: no need to place the file
                 await self.abort()
                 if meta.get("sha256") == self.sha256:
                     return "same"
                 raise Conflict(f"a different model is already stored as {self.model_id!r}")
-            await asyncio.to_thread(self._close_file, True)
+            await asyncio.to_thread(self._place)
         keys = ctx.keys
         result = text(
             await ctx.call(
@@ -126,28 +163,51 @@ class Upload:
                     keys.model_chunks(self.model_id),
                     keys.model_upload(self.model_id, self.upload_id),
                 ],
-                [self.sha256, self.size, self.chunks, store.kind, now_str(), self.upload_id],
+                [
+                    self.sha256,
+                    self.size,
+                    self.chunks,
+                    store.kind,
+                    now_str(),
+                    self.upload_id,
+                    self.file_name if self._placed is not None else "",
+                ],
             )
         )
+        if result != "ok" and self._placed is not None:  # lost: the winner's file stays
+            await asyncio.to_thread(self._placed.unlink, True)
+        self._placed = None  # decided: abort() must not touch the file any more
         if result == "conflict":
             raise Conflict(f"a different model is already stored as {self.model_id!r}")
         return result
 
-    def _close_file(self, keep: bool) -> None:
+    def _place(self) -> None:
+        """Close the staged file and move it under this upload's own final name."""
         f, self._file = self._file, None
-        path = self.store.directory / f".upload-{self.upload_id}"
-        f.flush()
-        os.fsync(f.fileno())
+        final = self.store.directory / self.file_name
+        try:
+            with f:
+                f.flush()
+                os.fsync(f.fileno())
+            final.parent.mkdir(exist_ok=True)
+            os.replace(self._staged_path, final)
+        except BaseException:
+            self._staged_path.unlink(missing_ok=True)
+            raise
+        self._placed = final
+
+    def _discard_file(self) -> None:
+        f, self._file = self._file, None
         f.close()
-        if keep:
-            os.replace(path, self.store.directory / self.model_id)
-        else:
-            path.unlink(missing_ok=True)
+        self._staged_path.unlink(missing_ok=True)
 
     async def abort(self) -> None:
         ctx = self.store.ctx
+        self._buffer = None
         if self._file is not None:
-            await asyncio.to_thread(self._close_file, False)
+            await asyncio.to_thread(self._discard_file)
+        # A placed file whose commit failed stays: the commit may have been applied (its
+        # reply lost), and then the meta names this file.
         await ctx.call(
             ctx.scripts.run,
             ctx.redis,
@@ -193,8 +253,13 @@ class ModelStore:
         if meta.get("store") == "disk":
             if self.directory is None:
                 raise NotReady(f"model {model_id!r} is on disk; this process has no --model-dir")
-            return self._read_file(self.directory / model_id)
+            return self._read_file(self.file_path(model_id, meta))
         return self._read_chunks(model_id, int(meta.get("chunks", 0)))
+
+    def file_path(self, model_id: str, meta: dict[str, str]) -> pathlib.Path:
+        """Disk store: the file the meta names (models stored before the meta named their
+        file are at <model dir>/<model id>)."""
+        return self.directory / (meta.get("file") or model_id)
 
     async def _read_chunks(self, model_id: str, count: int) -> AsyncIterator[bytes]:
         key = self.ctx.keys.model_chunks(model_id)
@@ -259,4 +324,11 @@ class ModelStore:
             self.ctx.redis.delete, keys.model(model_id), keys.model_chunks(model_id)
         )
         if self.directory is not None:
-            (self.directory / model_id).unlink(missing_ok=True)
+            await asyncio.to_thread(self._delete_files, self.directory / model_id)
+
+    @staticmethod
+    def _delete_files(path: pathlib.Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -249,6 +249,27 @@ def main() -> None:
     help="Largest model an Upload may carry (bigger: RESOURCE_EXHAUSTED).",
 )
 @option(
+    "--upload-idle-timeout",
+    default=120.0,
+    type=click.FloatRange(0.1),
+    help="Seconds an Upload may go without a chunk; then it is abandoned (its staged bytes "
+    "deleted) and answered FAILED_PRECONDITION, which the client retries.",
+)
+@option(
+    "--max-uploads",
+    default=256,
+    type=click.IntRange(1),
+    help="Uploads in progress on this replica at once; more: RESOURCE_EXHAUSTED. Each "
+    "holds about one chunk (1 MiB) of memory.",
+)
+@option(
+    "--max-uploads-per-client",
+    default=2,
+    type=click.IntRange(1),
+    help="Uploads in progress at once per client id; more: RESOURCE_EXHAUSTED (the 1.0.0 "
+    "client sends one at a time).",
+)
+@option(
     "--model-cache-mb",
     default=256,
     type=click.IntRange(0),

@@ -34,6 +34,10 @@ class ServeOptions:
     drain_delay: float = 0.0  # keep serving this long after NOT_SERVING (let the LB notice)
     stream_keepalive: float = 15.0
     reuse_port: bool = False  # SO_REUSEPORT: only for several processes on one port
+    # Upload limits (docs/operations.md, "Upload limits")
+    upload_idle_timeout: float = 120.0  # no chunk for this long: the upload is abandoned
+    max_uploads: int = 256  # uploads in progress on this replica at once
+    max_uploads_per_client: int = 2  # ... and per client id
 
 
 def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
@@ -66,7 +70,12 @@ class Replica:
         self.server = grpc.aio.server(options=grpc_options(opts))
         self.combiner = servicer.CombinerServicer(broker, opts.stream_keepalive)
         self.models = model_service.ModelServicer(
-            broker, opts.max_model_bytes, opts.model_cache_bytes
+            broker,
+            opts.max_model_bytes,
+            opts.model_cache_bytes,
+            upload_idle_timeout=opts.upload_idle_timeout,
+            max_uploads=opts.max_uploads,
+            max_uploads_per_client=opts.max_uploads_per_client,
         )
         # status mapping, error logging and metrics for every scaleout RPC (combiner/errors.py)
         guarded = GuardedServer(self.server)

@@ -50,7 +50,7 @@ async def cached(request, make_replica, broker, tmp_path):
 async def spoil(store, model_id: str) -> None:
     """Make the stored bytes unreadable behind a meta that still says ok."""
     if store.model_dir is not None:
-        (store.model_dir / model_id).unlink()
+        (await store.stored_files(model_id))[0].unlink()
     else:
         await store.broker._redis.delete(store.broker._keys.model_chunks(model_id))
 
@@ -149,7 +149,7 @@ async def test_a_store_read_shorter_than_the_meta_is_not_served_whole(cached):
     data = os.urandom(2 * MiB + 1)
     await upload(cached.stubs, data, "m")
     if cached.model_dir is not None:
-        (cached.model_dir / "m").write_bytes(data[:MiB])
+        (await cached.stored_files("m"))[0].write_bytes(data[:MiB])
     else:
         await cached.broker._redis.rpop(cached.broker._keys.model_chunks("m"))
     assert await code_of(download(cached.stubs, "m")) != grpc.StatusCode.OK

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import pathlib
@@ -77,6 +78,11 @@ class Store:
             return []
         return sorted(p for p in self.model_dir.parent.rglob("*") if p.is_file())
 
+    async def stored_files(self, *model_ids: str) -> list[pathlib.Path]:
+        """Disk store: the files the metas of these models name."""
+        models = self.replica.broker.models  # the replica's: it has the model dir
+        return sorted([models.file_path(m, await models.meta(m)) for m in model_ids])
+
     async def assert_nothing_stored(self, model_id: str) -> None:
         assert await self.keys_of(model_id) == []
         if self.model_dir is not None:
@@ -116,8 +122,8 @@ async def test_multi_mib_round_trip(store, chunk):
     assert stored["state"] == "ok" and stored["store"] == store.kind
     assert stored["sha256"] == sha(data) and stored["size"] == str(len(data))
     if store.model_dir is not None:
-        assert (store.model_dir / "m-1").read_bytes() == data
-        assert [p.name for p in store.files()] == ["m-1"]  # no staging file left behind
+        assert (await store.stored_files("m-1"))[0].read_bytes() == data
+        assert store.files() == await store.stored_files("m-1")  # no staging file left behind
         assert await store.keys_of("m-1") == [store.broker._keys.model("m-1")]
     else:
         assert sorted(await store.keys_of("m-1")) == sorted(
@@ -199,7 +205,7 @@ async def test_model_over_the_size_limit_is_resource_exhausted(
         assert err == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert await s.keys_of("too-big") == []
         if s.model_dir is not None:
-            assert [p.name for p in s.files()] == ["fits"]
+            assert s.files() == await s.stored_files("fits")
         assert await code_of(download(s.stubs, "too-big")) == grpc.StatusCode.NOT_FOUND
 
 
@@ -274,7 +280,42 @@ async def test_reupload_identical_is_ok_and_different_is_already_exists(store):
     assert (await store.broker.models.meta("dup"))["sha256"] == sha(original)
     # no staged leftovers of the refused uploads
     if store.model_dir is not None:
-        assert [p.name for p in store.files()] == ["dup"]
-        assert (store.model_dir / "dup").read_bytes() == original
+        assert store.files() == await store.stored_files("dup")
+        assert store.files()[0].read_bytes() == original
     else:
         assert not [k for k in await store.keys_of("dup") if ":upload:" in k]
+
+
+async def test_concurrent_uploads_of_one_id_store_exactly_the_winners_bytes(store):
+    # Two uploads of one id with different bytes, at the same time, 24 times: one wins, the
+    # other is refused, and what is stored (and served, with its trailer) is the winner's.
+    async def one(model_id: str, data: bytes, client: str):
+        async def chunks():
+            for i in range(0, len(data), 256 * KiB):
+                yield pb.FileChunk(data=data[i : i + 256 * KiB])
+
+        md = (*meta(client), ("model-id", model_id), ("checksum", sha(data)))
+        try:
+            return (await store.stubs.models.Upload(chunks(), metadata=md)).status
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+
+    for pair in range(24):
+        model_id = f"race-{pair}"
+        a, b = os.urandom(2 * MiB + 3), os.urandom(2 * MiB + 3)
+        got = await asyncio.gather(one(model_id, a, "ca"), one(model_id, b, "cb"))
+        assert sorted(map(str, got)) == sorted(
+            map(str, [pb.ModelStatus.OK, grpc.StatusCode.ALREADY_EXISTS])
+        ), (pair, got)
+        winner = a if got[0] == pb.ModelStatus.OK else b
+        chunks, trailer = await download(store.stubs, model_id)
+        assert trailer["checksum"] == sha(winner), pair
+        assert b"".join(chunks) == winner, pair
+        assert (await store.broker.models.meta(model_id))["sha256"] == sha(winner)
+        models = store.replica.broker.models  # the replica's: it has the model dir
+        assert bytes(await models.get(model_id)) == winner, pair  # what FedAvg reads
+    # nothing of the losers is left behind: one stored copy per id, no staged uploads
+    if store.model_dir is not None:
+        assert store.files() == await store.stored_files(*(f"race-{i}" for i in range(24)))
+    else:
+        assert not [k for k in await store.all_model_keys() if ":upload:" in k]

@@ -9,6 +9,8 @@ of ``transfer_reps`` transfers, in MiB/s.
 
 from __future__ import annotations
 
+import shutil
+
 from bench.config import MiB
 from bench.procs import cpu_seconds
 from bench.suite import Bench, Deployment, median, row
@@ -121,8 +123,7 @@ async def run(bench: Bench) -> dict:
                 )
             for d in (dep, cold):
                 await bench.clear(d.prefix)
-    for f in models.glob("*"):
-        f.unlink(missing_ok=True)
+    shutil.rmtree(models, ignore_errors=True)  # files, and a folder per model id
     return {
         "rows": rows,
         "details": {

@@ -1,15 +1,16 @@
--- Make a finished upload visible in one step: the chunk list is renamed into place and the
--- meta hash flips to 'ok'. A different model already stored under the id is never replaced.
+-- Make a finished upload visible in one step: the chunk list is renamed into place (or, on
+-- disk, the meta names the upload's own file) and the meta hash flips to 'ok'. The first
+-- upload of an id to get here wins; a different model already stored is never replaced.
 -- KEYS: 1 model meta hash, 2 model chunk list, 3 upload chunk list ('' key for disk store)
--- ARGV: 1 sha256, 2 size, 3 chunk count, 4 store ('redis'|'disk'), 5 now, 6 upload id
+-- ARGV: 1 sha256, 2 size, 3 chunk count, 4 store ('redis'|'disk'), 5 now, 6 upload id,
+--       7 disk store: the upload's file, relative to the model dir ('' for redis)
 -- Returns 'ok', 'same' (identical model already stored) or 'conflict'.
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'ok' then
-  if redis.call('HGET', KEYS[1], 'sha256') == ARGV[1] then
-    if ARGV[4] == 'redis' then redis.call('DEL', KEYS[3]) end
-    return 'same'
-  end
+  -- this upload's own commit, run again after its reply was lost
+  if redis.call('HGET', KEYS[1], 'upload') == ARGV[6] then return 'ok' end
   if ARGV[4] == 'redis' then redis.call('DEL', KEYS[3]) end
+  if redis.call('HGET', KEYS[1], 'sha256') == ARGV[1] then return 'same' end
   return 'conflict'
 end
 if ARGV[4] == 'redis' then
@@ -22,5 +23,6 @@ if ARGV[4] == 'redis' then
 end
 redis.call('HSET', KEYS[1], 'state', 'ok', 'sha256', ARGV[1], 'size', ARGV[2],
   'chunks', ARGV[3], 'store', ARGV[4], 'committed_at', ARGV[5], 'upload', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'file', ARGV[7]) end
 redis.call('PERSIST', KEYS[1])
 return 'ok'
