@@ -61,6 +61,35 @@ async def _abort(method: str, context, exc: Exception):
     await context.abort(code, message)
 
 
+class Malformed:
+    """What a unary request body that does not parse becomes (see _parse_or_mark)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _parse_or_mark(method: str, deserialize, streaming: bool):
+    """deserialize, made safe for bodies that fail to parse. grpc parses a unary request
+    before the handler runs and answers an exception there with UNKNOWN (and a traceback
+    of its own), so such a body becomes a Malformed marker the guarded behaviour answers
+    with INVALID_ARGUMENT. A streamed request is parsed as the handler iterates it: there
+    InvalidInput is raised at once, inside the guard."""
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8, ...
+            error = f"malformed request: {exc}"
+            log.warning("%s: %s", method, error)
+            if streaming:
+                raise InvalidInput(error) from None
+            return Malformed(error)
+
+    return parse
+
+
 def _record(method: str, context, started: float, failed: bool) -> None:
     code = context.code() if hasattr(context, "code") else None
     if code is None:  # no status set: finished normally, or cancelled by the client
@@ -75,6 +104,8 @@ def _guard_coroutine(method: str, fn):
     async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
+            if request.__class__ is Malformed:
+                raise InvalidInput(request.error)
             reply = await fn(request, context)
             failed = False
             return reply
@@ -92,6 +123,8 @@ def _guard_async_generator(method: str, fn):
     async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
+            if request.__class__ is Malformed:
+                raise InvalidInput(request.error)
             async for item in fn(request, context):
                 yield item
             failed = False
@@ -126,11 +159,15 @@ _KINDS = {
 
 
 def guard_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same handler (kind, deserializer, serializer or none) with its behaviour guarded."""
+    """The same handler (kind, serializer or none) with its behaviour guarded and its
+    deserializer made to answer a body that does not parse with INVALID_ARGUMENT."""
     field, make = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    deserialize = handler.request_deserializer
+    if deserialize is not None:
+        deserialize = _parse_or_mark(method, deserialize, handler.request_streaming)
     return make(
         guard(method, getattr(handler, field)),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )
 
