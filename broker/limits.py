@@ -57,12 +57,8 @@ def check(what: str, value: str, limit: int) -> None:
         raise InvalidInput(f"{what} is longer than {limit} bytes (UTF-8)")
 
 
-def check_id(what: str, value: str) -> None:
-    check(what, value, ID_BYTES)
-
-
 def check_ids(**ids: str) -> None:
-    """check_id for each keyword: check_ids(client_id=..., correlation_id=...)."""
+    """Each keyword's value as an id: check_ids(client_id=..., correlation_id=...)."""
     for what, value in ids.items():
         check(what.replace("_", " "), value, ID_BYTES)
 

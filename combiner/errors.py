@@ -5,7 +5,8 @@ Why: the published 1.0.0 client decides what to do by the status code alone
 PERMISSION_DENIED, INVALID_ARGUMENT and the like, and retries FAILED_PRECONDITION. So no
 RPC may ever answer UNAVAILABLE, nor grpc's own UNKNOWN for an exception that escaped:
 Redis trouble after the bounded retries, and unexpected errors, become FAILED_PRECONDITION
-("try again later"); bad input gets a status the client does not retry, with a clear message.
+("try again later"); bad input gets a status the client does not retry, with a clear message,
+and so does a request body that does not even parse (INVALID_ARGUMENT, see _parse_or_mark).
 
 How: `GuardedServer` stands in for the grpc.aio server while the servicers register their
 handlers, and wraps each one once (`guard`). A new RPC on a servicer is covered with no
