@@ -7,6 +7,7 @@ from broker.codec import encode_entry
 from broker.consumers import Entry, StreamGroup
 from broker.context import Context, now_str
 from broker.keys import INBOUND_KINDS
+from broker.limits import check_fields, check_ids
 from broker.presence import Presence
 
 
@@ -18,7 +19,10 @@ class Inbound:
 
     async def add(self, kind: str, client_id: str, fields: dict, name: str = "") -> str:
         """Append one message and count it as contact; returns the stream entry id.
-        Nested values (metrics, attributes, telemetries: plain dicts) are packed here."""
+        Nested values (metrics, attributes, telemetries: plain dicts) are packed here.
+        Raises InvalidInput, before writing, for a value over its limit (broker/limits.py)."""
+        check_ids(client_id=client_id, name=name)
+        check_fields(fields)
         stream = self._ctx.keys.inbound(kind)
         entry = {"client_id": client_id, "received_at": now_str(), **encode_entry(fields)}
         maxlen = self._ctx.settings.stream_maxlen
@@ -42,7 +46,11 @@ class Inbound:
     ) -> bool:
         """Append a task result; keep the first one on the task it answers (for an update,
         only if the model ``require_model`` was uploaded and verified). Returns whether it
-        was kept."""
+        was kept. Raises InvalidInput, before writing, for a value over its limit."""
+        check_ids(client_id=client_id, correlation_id=correlation_id, name=name)
+        check_ids(model_update_id=require_model or "")
+        check_fields(result)
+        check_fields(fields)
         keys = self._ctx.keys
         t = now_str()
         args = [self._ctx.settings.stream_maxlen, client_id, t, len(result)]

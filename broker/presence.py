@@ -9,6 +9,7 @@ arrives every 5 s per client and last_seen needs no finer grain than a second.
 from __future__ import annotations
 
 from broker.context import Context, now, now_str, text, text_map
+from broker.limits import check_ids
 
 
 class Presence:
@@ -62,9 +63,11 @@ class Presence:
             raise
 
     async def touch(self, client_id: str, name: str = "") -> None:
+        check_ids(client_id=client_id, name=name)
         await self.submit(client_id, lambda pipe: self.touch_commands(pipe, client_id, name))
 
     async def connect(self, client_id: str, name: str = "") -> None:
+        check_ids(client_id=client_id, name=name)
         keys, t = self._ctx.keys, now_str()
         self.forget_throttle(client_id)
 
@@ -77,6 +80,7 @@ class Presence:
 
     async def disconnect(self, client_id: str) -> None:
         """Announce Disconnect: offline at once; workers time out its tasks."""
+        check_ids(client_id=client_id)
         keys = self._ctx.keys
         self.forget_throttle(client_id)
         self._served.pop(client_id, None)  # it said goodbye: no longer one of ours

@@ -10,6 +10,7 @@ import uuid
 
 from broker.context import Context, now_str, text, text_map
 from broker.errors import InvalidInput
+from broker.limits import check_ids
 from broker.records import ACTIVE_SESSION_STATES, RoundRecord, SessionRecord, SessionStatus
 
 
@@ -21,6 +22,7 @@ class Sessions:
 
     async def create(self, config: dict, seed_model_id: str, session_id: str = "") -> str:
         session_id = session_id or str(uuid.uuid4())
+        check_ids(session_id=session_id, seed_model_id=seed_model_id)
         keys = self._ctx.keys
         record = SessionRecord(
             id=session_id,

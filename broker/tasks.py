@@ -16,6 +16,7 @@ from broker.batching import Build
 from broker.context import Context, now_str, text, text_map
 from broker.errors import Conflict, InvalidInput
 from broker.keys import encode_id
+from broker.limits import DATA_BYTES, LABEL_BYTES, check, check_ids
 from broker.presence import Presence
 from broker.records import WIRE_FIELDS, Task
 
@@ -42,11 +43,12 @@ def validate_task_type(task_type: str) -> None:
 def _task_data(task_type: str, data: str, session_id: str, round_id: str) -> str:
     """The task's data as the client needs it; raises InvalidInput for what it would fail."""
     validate_task_type(task_type)
+    check("task data", data, DATA_BYTES)
     if task_type == "Fedn_ModelUpdate" or task_type.startswith("Custom_"):
         # The client fails a training task whose data is not a JSON object (§4.3).
         try:
             parsed = json.loads(data) if data else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise InvalidInput(f"task data must be a JSON object: {exc}") from exc
         if not isinstance(parsed, dict):
             raise InvalidInput("task data must be a JSON object")
@@ -129,6 +131,9 @@ class TaskQueues:
         data = _task_data(task_type, data, session_id, round_id)
         if not all(client_ids):
             raise InvalidInput("client id must not be empty")
+        check_ids(model_id=model_id, session_id=session_id, round_id=round_id)
+        for client, corr in zip(client_ids, corrs, strict=True):
+            check_ids(client_id=client, correlation_id=corr)
         keys, now = self._ctx.keys, now_str()
         shared = {
             "type": task_type,
@@ -165,6 +170,9 @@ class TaskQueues:
         response: str = "",
     ) -> PollReply:
         """One PollAndReport, as one script call shared with concurrent RPCs' pipelines."""
+        check_ids(client_id=client_id, name=name, correlation_id=correlation_id)
+        check("report status", status, LABEL_BYTES)
+        check("report response", response, DATA_BYTES)
         self._presence.served(client_id)
         keys, s = self._ctx.keys, self._ctx.settings
         script_keys = [
@@ -199,6 +207,7 @@ class TaskQueues:
 
     async def take_for_stream(self, client_id: str, limit: int = 100) -> list[Task]:
         """Every queued task of a client, for its TaskStream (each taken exactly once)."""
+        check_ids(client_id=client_id)
         self._presence.served(client_id)
         keys = self._ctx.keys
         script_keys = [
@@ -230,6 +239,7 @@ class TaskQueues:
         """A new TaskStream opens: queue again the tasks earlier streams of this client took
         but never got an answer for (their replica died before the client read them).
         Returns how many were put back."""
+        check_ids(client_id=client_id)
         keys = self._ctx.keys
         script_keys = [keys.streamed(client_id), keys.queue(client_id)]
         args = [keys.task_prefix(client_id), now_str()]

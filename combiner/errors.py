@@ -5,7 +5,8 @@ Why: the published 1.0.0 client decides what to do by the status code alone
 PERMISSION_DENIED, INVALID_ARGUMENT and the like, and retries FAILED_PRECONDITION. So no
 RPC may ever answer UNAVAILABLE, nor grpc's own UNKNOWN for an exception that escaped:
 Redis trouble after the bounded retries, and unexpected errors, become FAILED_PRECONDITION
-("try again later"); bad input gets a status the client does not retry, with a clear message.
+("try again later"); bad input gets a status the client does not retry, with a clear message,
+and so does a request body that does not even parse (INVALID_ARGUMENT, see _parse_or_mark).
 
 How: `GuardedServer` stands in for the grpc.aio server while the servicers register their
 handlers, and wraps each one once (`guard`). A new RPC on a servicer is covered with no
@@ -61,6 +62,35 @@ async def _abort(method: str, context, exc: Exception):
     await context.abort(code, message)
 
 
+class Malformed:
+    """What a unary request body that does not parse becomes (see _parse_or_mark)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _parse_or_mark(method: str, deserialize, streaming: bool):
+    """deserialize, made safe for bodies that fail to parse. grpc parses a unary request
+    before the handler runs and answers an exception there with UNKNOWN (and a traceback
+    of its own), so such a body becomes a Malformed marker the guarded behaviour answers
+    with INVALID_ARGUMENT. A streamed request is parsed as the handler iterates it: there
+    InvalidInput is raised at once, inside the guard."""
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8, ...
+            error = f"malformed request: {exc}"
+            log.warning("%s: %s", method, error)
+            if streaming:
+                raise InvalidInput(error) from None
+            return Malformed(error)
+
+    return parse
+
+
 def _record(method: str, context, started: float, failed: bool) -> None:
     code = context.code() if hasattr(context, "code") else None
     if code is None:  # no status set: finished normally, or cancelled by the client
@@ -75,6 +105,8 @@ def _guard_coroutine(method: str, fn):
     async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
+            if request.__class__ is Malformed:
+                raise InvalidInput(request.error)
             reply = await fn(request, context)
             failed = False
             return reply
@@ -92,6 +124,8 @@ def _guard_async_generator(method: str, fn):
     async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
+            if request.__class__ is Malformed:
+                raise InvalidInput(request.error)
             async for item in fn(request, context):
                 yield item
             failed = False
@@ -126,11 +160,15 @@ _KINDS = {
 
 
 def guard_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same handler (kind, deserializer, serializer or none) with its behaviour guarded."""
+    """The same handler (kind, serializer or none) with its behaviour guarded and its
+    deserializer made to answer a body that does not parse with INVALID_ARGUMENT."""
     field, make = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    deserialize = handler.request_deserializer
+    if deserialize is not None:
+        deserialize = _parse_or_mark(method, deserialize, handler.request_streaming)
     return make(
         guard(method, getattr(handler, field)),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )
 

@@ -22,6 +22,8 @@ from combiner.pb import scaleout_pb2_grpc as pb_grpc
 
 log = logging.getLogger("combiner")
 
+_HEX = frozenset("0123456789abcdef")
+
 
 class UploadIdle(NotReady):
     """No chunk arrived for the idle timeout. FAILED_PRECONDITION: the 1.0.0 client sends
@@ -88,6 +90,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             # grpc.aio ends the request stream of a cancelled call just like a finished one;
             # only the checksum tells a truncated upload from a whole one. (1.0.0 sends it.)
             raise InvalidInput("Upload needs the checksum metadata (SHA-256 hex of the model)")
+        if len(expected) != 64 or not _HEX.issuperset(expected):
+            # checked before the upload begins: a wrong one could only fail at the end
+            raise InvalidInput("the checksum metadata must be 64 hex digits (SHA-256)")
         upload = self.broker.models.upload(model_id, self.max_model_bytes)
         client_id = meta.get("client-id", "") or meta.get("client", "")
         with self.uploads.hold(client_id, upload):

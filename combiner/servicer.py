@@ -13,6 +13,7 @@ import logging
 import grpc
 
 from broker import Broker, InvalidInput
+from broker.limits import TEXT_BYTES, check, check_ids
 from broker.records import Task
 from combiner import __version__
 from combiner.metrics import OPEN_STREAMS
@@ -28,13 +29,26 @@ def identity(context, body_id: str) -> tuple[str, str]:
     client_id = body_id or meta.get("client-id", "") or meta.get("client", "")
     if not client_id:
         raise InvalidInput("client id is empty: set it in the message or the client-id metadata")
-    return client_id, meta.get("name", "")
+    name = meta.get("name", "")
+    check_ids(client_id=client_id, name=name)  # before any write (the broker checks again)
+    return client_id, name
+
+
+# What a protobuf Timestamp may hold: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
+_TS_SECONDS = range(-62_135_596_800, 253_402_300_800)
+_TS_NANOS = range(1_000_000_000)
 
 
 def timestamp(ts) -> str:
-    """A protobuf Timestamp as an ISO string ('' when unset)."""
+    """A protobuf Timestamp as an ISO string ('' when unset). One outside the range a
+    Timestamp may hold is bad input (INVALID_ARGUMENT), which retrying cannot fix."""
     if ts is None or (ts.seconds == 0 and ts.nanos == 0):
         return ""
+    if ts.seconds not in _TS_SECONDS or ts.nanos not in _TS_NANOS:
+        raise InvalidInput(
+            f"timestamp out of range: seconds={ts.seconds}, nanos={ts.nanos} (a Timestamp "
+            "holds the years 1-9999 and nanos 0-999999999)"
+        )
     return ts.ToDatetime().isoformat() + "Z"
 
 
@@ -175,12 +189,15 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
 
     async def Announce(self, request: pb.ClientAnnounceRequest, context) -> pb.Response:
         client_id, name = identity(context, request.client_id)
+        check("Announce parameters", request.parameters, TEXT_BYTES)
         kind = request.type
         if kind == "VersionCheck":
             try:
                 params = json.loads(request.parameters) if request.parameters else {}
             except ValueError:
                 params = {}
+            except RecursionError:  # e.g. "[" * 50000: fits the limit, can never parse
+                raise InvalidInput("Announce parameters: JSON nested too deeply") from None
             version = str(params.get("client-version", "")) if isinstance(params, dict) else ""
             ok = version_ok(version)
             await self.broker.presence.touch(client_id, name)

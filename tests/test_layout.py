@@ -5,7 +5,8 @@ checked against these rules:
 
 - no `import redis` (nor any redis submodule);
 - from broker/, only the public surface: names the package root exports (`broker.__all__`),
-  the typed records (`broker.records`), the errors (`broker.errors`), and `broker.embedded`
+  the typed records (`broker.records`), the errors (`broker.errors`), the input size limits
+  (`broker.limits`: the servicers check what never reaches the broker), and `broker.embedded`
   (the CLI and the demo start an embedded redis-server when no --redis-url is given);
 - on a broker object (a name `broker` or an attribute `.broker`), only the Broker's public
   names; on its parts (`broker.tasks.X`), no private name; and nowhere a Broker internal
@@ -28,7 +29,7 @@ import broker
 from broker import Broker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = {"broker.records", "broker.errors", "broker.embedded"}
+PUBLIC_MODULES = {"broker.records", "broker.errors", "broker.limits", "broker.embedded"}
 ROOT_NAMES = set(broker.__all__)
 _instance = Broker(None)  # no Redis needed: only its attribute names are read
 BROKER_PUBLIC = {n for n in (*vars(_instance), *dir(Broker)) if not n.startswith("_")}
