@@ -41,8 +41,8 @@ class Inbound:
         require_model: str | None = None,
     ) -> bool:
         """Append a task result; keep the first one on the task it answers (for an update,
-        only if the model ``require_model`` was uploaded and verified). Returns whether it
-        was kept."""
+        only if the task was handed out to this client and the model ``require_model`` was
+        uploaded and verified after the hand-out). Returns whether it was kept."""
         keys = self._ctx.keys
         t = now_str()
         args = [self._ctx.settings.stream_maxlen, client_id, t, len(result)]
