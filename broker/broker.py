@@ -1,7 +1,7 @@
 """The Broker: the one object the front end and the workers hold to reach Redis.
 
 Its public names are its parts (presence, tasks, inbound, models, wakeups, sessions,
-replicas), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
+replicas, workers), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
 schema, scripts, batcher and settings are private (tests/test_layout.py keeps combiner/ and
 workers/ off them). Tests and benchmarks that must look at Redis itself (to assert what was
 or was not written) may read ``_redis``, ``_keys`` and ``_batcher``; nothing else may.
@@ -31,6 +31,7 @@ from broker.scripts import Scripts
 from broker.sessions import Sessions
 from broker.tasks import TaskQueues
 from broker.wakeups import Wakeups
+from broker.workers import Workers
 
 
 def default_replica_id() -> str:
@@ -78,6 +79,7 @@ class Broker:
         self.wakeups = Wakeups(self._ctx)
         self.sessions = Sessions(self._ctx)
         self.replicas = Replicas(self._ctx, self.replica_id, self.presence)
+        self.workers = Workers(self._ctx)
         self.pipeline_counters = PipelineCounters(self._batcher)
 
     async def start(self) -> None:
