@@ -110,15 +110,17 @@ class Broker:
 
 
 def make_client(url: str, pool_size: int = 16):
-    """A small command pool. Retries are ours (tenacity), so redis-py's own are off; the
-    socket timeout bounds a command on a dead connection (blocking reads must stay below)."""
+    """A small command pool. Retries are ours (tenacity), so redis-py's own are off. Each
+    call's deadline (RetryPolicy.max_seconds, 4 s) decides when Redis is too slow; the
+    socket and pool timeouts sit just above it as a backstop for anything outside a call,
+    and blocking reads (XREADGROUP BLOCK 1 s) stay below both."""
     # Blocking pool: callers beyond pool_size wait for a connection instead of failing,
     # which keeps the connection count per replica constant however many clients arrive.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=pool_size,
-        timeout=10,
-        socket_timeout=10,
+        timeout=5,
+        socket_timeout=5,
         socket_connect_timeout=3,
         socket_keepalive=True,
         socket_read_size=1024 * 1024,  # model chunks are 1 MiB: read them in one go
