@@ -21,7 +21,7 @@ class WorkerRecord(_HashRecord):
     pid: str = ""
     started: str = ""
     seen: str = ""
-    roles: str = "{}"  # JSON: role -> "ok" | "retrying: <error>" | "stopped: <error>"
+    roles: str = "{}"  # JSON: role -> "ok" | "stopped: <error>"
 
     @property
     def role_health(self) -> dict[str, str]:
