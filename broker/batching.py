@@ -15,6 +15,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from broker.errors import BrokerUnavailable
 from broker.retry import RetryPolicy
 from broker.scripts import Scripts
 
@@ -53,7 +54,16 @@ class Batcher:
                 asyncio.get_running_loop().call_later(self._window, self._spawn)
             else:
                 self._spawn()
-        return await fut
+        # The caller's own deadline (docs/operations.md "Redis time per call"): queued
+        # behind a pipeline that hangs, it must not wait for that one's deadline and then
+        # its own. A cancelled future is skipped when the next pipeline is built.
+        try:
+            async with asyncio.timeout(self._policy.max_seconds):
+                return await fut
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"redis did not answer within {self._policy.max_seconds:g}s"
+            ) from exc
 
     def submit_many(self, builds: list[Build]) -> list[asyncio.Future]:
         """Queue many calls at once, with no coroutine per call and no window to wait

@@ -1,7 +1,7 @@
 """The Broker: the one object the front end and the workers hold to reach Redis.
 
 Its public names are its parts (presence, tasks, inbound, models, wakeups, sessions,
-replicas), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
+replicas, workers), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
 schema, scripts, batcher and settings are private (tests/test_layout.py keeps combiner/ and
 workers/ off them). Tests and benchmarks that must look at Redis itself (to assert what was
 or was not written) may read ``_redis``, ``_keys`` and ``_batcher``; nothing else may.
@@ -31,6 +31,7 @@ from broker.scripts import Scripts
 from broker.sessions import Sessions
 from broker.tasks import TaskQueues
 from broker.wakeups import Wakeups
+from broker.workers import Workers
 
 
 def default_replica_id() -> str:
@@ -78,6 +79,7 @@ class Broker:
         self.wakeups = Wakeups(self._ctx)
         self.sessions = Sessions(self._ctx)
         self.replicas = Replicas(self._ctx, self.replica_id, self.presence)
+        self.workers = Workers(self._ctx)
         self.pipeline_counters = PipelineCounters(self._batcher)
 
     async def start(self) -> None:
@@ -108,15 +110,17 @@ class Broker:
 
 
 def make_client(url: str, pool_size: int = 16):
-    """A small command pool. Retries are ours (tenacity), so redis-py's own are off; the
-    socket timeout bounds a command on a dead connection (blocking reads must stay below)."""
+    """A small command pool. Retries are ours (tenacity), so redis-py's own are off. Each
+    call's deadline (RetryPolicy.max_seconds, 4 s) decides when Redis is too slow; the
+    socket and pool timeouts sit just above it as a backstop for anything outside a call,
+    and blocking reads (XREADGROUP BLOCK 1 s) stay below both."""
     # Blocking pool: callers beyond pool_size wait for a connection instead of failing,
     # which keeps the connection count per replica constant however many clients arrive.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=pool_size,
-        timeout=10,
-        socket_timeout=10,
+        timeout=5,
+        socket_timeout=5,
         socket_connect_timeout=3,
         socket_keepalive=True,
         socket_read_size=1024 * 1024,  # model chunks are 1 MiB: read them in one go

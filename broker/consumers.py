@@ -55,9 +55,11 @@ class StreamGroup:
                 block=block_ms,
             )
         except rex.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # NOGROUP: the stream or group is gone (Redis lost its data); UNBLOCKED: a stream
+            # we were blocked on was deleted meanwhile (FLUSHDB, DEL). Recreate and go on.
+            if not any(why in str(exc) for why in ("NOGROUP", "UNBLOCKED")):
                 raise
-            await self.ensure()  # the stream was deleted (or Redis lost its data)
+            await self.ensure()
             return []
         return self._entries(reply)
 

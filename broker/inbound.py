@@ -45,8 +45,9 @@ class Inbound:
         require_model: str | None = None,
     ) -> bool:
         """Append a task result; keep the first one on the task it answers (for an update,
-        only if the model ``require_model`` was uploaded and verified). Returns whether it
-        was kept. Raises InvalidInput, before writing, for a value over its limit."""
+        only if the task was handed out to this client and the model ``require_model`` was
+        uploaded and verified after the hand-out). Returns whether it was kept. Raises
+        InvalidInput, before writing, for a value over its limit."""
         check_ids(client_id=client_id, correlation_id=correlation_id, name=name)
         check_ids(model_update_id=require_model or "")
         check_fields(result)

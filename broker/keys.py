@@ -24,6 +24,8 @@ P:clients                          zset    client id -> last seen (unix seconds)
 P:streams                          zset    client id -> lease expiry of an open TaskStream
 P:replicas                         zset    replica id -> lease expiry
 P:replica:R                        hash    id, address, pid, started, streams, clients, seen
+P:workers                          zset    worker id -> lease expiry
+P:worker:W                         hash    id, pid, started, seen, roles (JSON: role -> health)
 P:in:KIND                          stream  inbound messages (updates, validations, ...)
 P:model:M                          hash    model meta: state, size, sha256, store, chunks
 P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)
@@ -121,6 +123,13 @@ class Keys:
 
     def replica(self, replica_id: str) -> str:
         return f"{self.prefix}:replica:{encode_id(replica_id)}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{encode_id(worker_id)}"
 
     def inbound(self, kind: str) -> str:
         if kind not in INBOUND_KINDS:

@@ -3,10 +3,17 @@
 The 1.0.0 client dies on UNAVAILABLE (docs/protocol.md §3.2), so a replica absorbs short Redis
 hiccups itself (a reconnect, a failover, a restart with AOF loading) and only then tells
 the client to try again later.
+
+Every call has one deadline over all its attempts (``max_seconds``, docs/operations.md
+"Redis time per call"): a Redis that is paused (SIGSTOP, a stuck host) rather than gone
+never answers, so neither an error to retry on nor the socket timeout would come in time.
+A command cancelled by the deadline disconnects its connection (redis-py does so on any
+exception while reading a reply), so no half-read reply is left on a pooled connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import redis.exceptions as rex
@@ -52,7 +59,15 @@ class RetryPolicy:
         )
 
     async def run(self, fn, *args, **kwargs):
-        """Await fn(*args) with retries; BrokerUnavailable once they are used up."""
+        """Await fn(*args) with retries, all within max_seconds; BrokerUnavailable once
+        they are used up or the deadline passes."""
+        try:
+            async with asyncio.timeout(self.max_seconds):
+                return await self._attempts(fn, *args, **kwargs)
+        except TimeoutError as exc:  # the deadline (redis-py's own timeouts are rex.*)
+            raise BrokerUnavailable(f"redis did not answer within {self.max_seconds:g}s") from exc
+
+    async def _attempts(self, fn, *args, **kwargs):
         try:  # the first attempt without tenacity's bookkeeping: this is the hot path
             return await fn(*args, **kwargs)
         except TRANSIENT as exc:

@@ -66,6 +66,11 @@ def print_status(view: dict, as_json: bool) -> None:
     for r in view["replicas"]:
         table.add_row(r["id"], r["address"], str(r["streams"]), str(r["clients"]))
     console.print(table)
+    table = Table("worker", "pid", "roles")
+    for w in view["workers"]:
+        roles = ", ".join(f"{role} {health}" for role, health in sorted(w["roles"].items()))
+        table.add_row(w["id"], w["pid"], roles)
+    console.print(table)
     clients = view["clients"]
     console.print(f"clients: {len(clients['online'])} online, {len(clients['offline'])} offline")
     table = Table("stream", "length", "pending", "lag")

@@ -106,7 +106,8 @@ async def client_view(broker: Broker, client_id: str) -> dict:
 
 
 async def status_view(broker: Broker) -> dict:
-    """Replicas alive, clients online/offline, stream lengths and lag, current sessions."""
+    """Replicas and workers alive (workers with their roles' health), clients online and
+    offline, stream lengths and lag, current sessions."""
     replicas = [
         {
             "id": r.id,
@@ -115,6 +116,9 @@ async def status_view(broker: Broker) -> dict:
             "clients": r.client_count,
         }
         for r in await broker.replicas.alive()
+    ]
+    workers = [
+        {"id": w.id, "pid": w.pid, "roles": w.role_health} for w in await broker.workers.alive()
     ]
     seen = await broker.presence.clients()
     online = set(await broker.presence.online())
@@ -134,6 +138,7 @@ async def status_view(broker: Broker) -> dict:
     current = next((s for s in sessions if session_active(s)), None)
     return {
         "replicas": replicas,
+        "workers": workers,
         "clients": {
             "online": sorted(online),
             "offline": sorted(set(seen) - online),

@@ -47,6 +47,7 @@ async def assert_online_as(broker, client_id: str, name: str) -> None:
 
 async def test_model_update_is_in_the_stream_and_on_the_task(stubs, broker):
     corr = await broker.tasks.push("c1", "Fedn_ModelUpdate", model_id="g1", session_id="s")
+    await broker.tasks.poll("c1")  # handed out, then trained on
     await broker.models.put(b"update bytes", "u1")  # Upload always comes first (§4.5)
     update = pb.ModelUpdate(
         client_id="c1",
@@ -141,6 +142,34 @@ async def test_update_whose_model_was_never_uploaded_is_not_counted(stubs, broke
     await stubs.combiner.SendModelUpdate(update, metadata=meta())  # still OK (§10)
     assert "model_update_id" not in await broker.tasks.show(corr)
     assert (await entries(broker, "updates"))[0]["model_update_id"] == "not-uploaded"
+
+
+async def test_update_for_a_task_never_handed_out_is_not_counted(stubs, broker):
+    """Naming a verified model (here the seed) for a task still queued counts for nothing."""
+    await broker.models.put(b"seed bytes", "seed")
+    corr = await broker.tasks.push("c1", "Fedn_ModelUpdate", model_id="seed")
+    update = pb.ModelUpdate(client_id="c1", model_update_id="seed", correlation_id=corr)
+    await stubs.combiner.SendModelUpdate(update, metadata=meta("c1"))
+    record = await broker.tasks.show(corr)
+    assert record["state"] == "queued"
+    assert "model_update_id" not in record and "result_at" not in record
+    assert (await entries(broker, "updates"))[0]["model_update_id"] == "seed"  # still recorded
+
+
+async def test_update_naming_a_model_uploaded_before_the_hand_out_is_not_counted(stubs, broker):
+    await broker.models.put(b"old bytes", "old")
+    corr = await broker.tasks.push("c1", "Fedn_ModelUpdate", model_id="g1")
+    await broker.tasks.poll("c1")
+    assert (await broker.tasks.show(corr))["state"] == "delivered"
+    update = pb.ModelUpdate(client_id="c1", model_update_id="old", correlation_id=corr)
+    await stubs.combiner.SendModelUpdate(update, metadata=meta("c1"))
+    assert "model_update_id" not in await broker.tasks.show(corr)
+
+    # an update uploaded after the hand-out still counts
+    await broker.models.put(b"new bytes", "new")
+    update.model_update_id = "new"
+    await stubs.combiner.SendModelUpdate(update, metadata=meta("c1"))
+    assert (await broker.tasks.show(corr))["model_update_id"] == "new"
 
 
 async def test_result_for_unknown_task_is_ok_and_recorded(stubs, broker):

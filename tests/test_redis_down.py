@@ -6,6 +6,8 @@ kills the 1.0.0 client), the replica recovers by itself when Redis is back, and 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import grpc
@@ -16,6 +18,10 @@ from tests.conftest import meta, replica_at
 from tests.services import RedisServer
 
 RPC_DEADLINE = 60  # seconds; far above the retry budget, only so a hang fails the test
+# A paused Redis accepts connections and never answers, so only the per-call deadline
+# (docs/operations.md "Redis time per call", 4 s) ends a call; this one, well above it but
+# below the old socket timeout plus a retry, fails the test if a call waits for Redis.
+PAUSED_RPC_DEADLINE = 15
 
 
 @pytest.fixture
@@ -102,6 +108,43 @@ async def test_redis_down_gives_failed_precondition_then_recovers(redis_server):
         await replica.broker.models.put(b"after the restart", "m2")
         call = stubs.models.Download(pb.ModelRequest(model_id="m2"), metadata=meta())
         assert b"".join([c.data async for c in call]) == b"after the restart"
+
+
+async def test_paused_redis_gives_failed_precondition_before_it_resumes(redis_server):
+    """SIGSTOP: Redis keeps its port and never answers. Calls give up within their budget
+    with FAILED_PRECONDITION while the pause lasts; after SIGCONT the next RPC succeeds."""
+    async with replica_at(redis_server.url) as (replica, stubs):
+        corr = await replica.broker.tasks.push("c1", "Fedn_Validation", model_id="m")
+        assert (await poll(stubs)).correlation_id == corr
+        await send_metric(stubs)
+        await replica.broker.models.put(b"model bytes", "m")
+
+        pid = redis_server.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for rpc, request in (
+                ("SendModelMetric", metric()),
+                ("PollAndReport", pb.ActivityReport(node_id="c1")),
+                ("SendStatus", pb.Status(client_id="c2", status="x")),
+            ):
+                call = getattr(stubs.combiner, rpc)(
+                    request, metadata=meta(), timeout=PAUSED_RPC_DEADLINE
+                )
+                assert await code_of(call) == grpc.StatusCode.FAILED_PRECONDITION, rpc
+            download = stubs.models.Download(
+                pb.ModelRequest(model_id="m"), metadata=meta(), timeout=PAUSED_RPC_DEADLINE
+            )
+            assert await code_of(download.read()) == grpc.StatusCode.FAILED_PRECONDITION
+            assert redis_server.process.poll() is None  # still paused, not gone
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        # the connections the deadline cut were dropped, not left with a reply half-read
+        await send_metric(stubs, 3.0)
+        entries = await replica.broker._redis.xrange(replica.broker._keys.inbound("metrics"))
+        assert len(entries) >= 2
+        call = stubs.models.Download(pb.ModelRequest(model_id="m"), metadata=meta())
+        assert b"".join([c.data async for c in call]) == b"model bytes"
 
 
 async def test_streams_and_pubsub_come_back_after_a_restart(redis_server):

@@ -1,8 +1,9 @@
 """round: one FedAvg of K clients' float32 models through the coordinator's code path.
 
 The suite stores K model updates (npz, as the client writes them) in Redis and makes a
-round whose K training tasks each carry a kept result (broker.tasks.push, then
-broker.inbound.add_result, as a replica does for SendModelUpdate). A child process then
+round whose K training tasks each carry a kept result (broker.tasks.push, a poll that
+hands the task out, the upload, then broker.inbound.add_result, as a replica does for
+SendModelUpdate). A child process then
 runs workers.coordinator.Coordinator._aggregate on it: fetch each update, decode it,
 fold it into the streamed weighted mean, store the new global model. Its peak memory is
 its own (VmHWM). Baseline: a child computing numpy's weighted mean of the same K models
@@ -27,10 +28,6 @@ async def prepare(bench: Bench, prefix: str, k: int, size: int) -> None:
     tasks = {f"bench-train-{i}": f"bench-client-{i}" for i in range(k)}
     await broker.sessions.add_round_tasks(SESSION, ROUND, "tasks", tasks)
     for i, (corr, client) in enumerate(tasks.items()):
-        blob = await asyncio.to_thread(lambda i=i: fedmodels.npz(fedmodels.arrays(i, size)))
-        update_id = f"bench-update-{i}"
-        await broker.models.put(blob, model_id=update_id)
-        del blob
         await broker.tasks.push(
             client,
             "Fedn_ModelUpdate",
@@ -39,6 +36,11 @@ async def prepare(bench: Bench, prefix: str, k: int, size: int) -> None:
             round_id=ROUND,
             correlation_id=corr,
         )
+        await broker.tasks.poll(client)  # handed out before the update is uploaded
+        blob = await asyncio.to_thread(lambda i=i: fedmodels.npz(fedmodels.arrays(i, size)))
+        update_id = f"bench-update-{i}"
+        await broker.models.put(blob, model_id=update_id)
+        del blob
         meta = json.dumps({"training_metadata": {"num_examples": fedmodels.weight(i)}})
         kept = await broker.inbound.add_result(
             "updates",

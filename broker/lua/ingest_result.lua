@@ -1,7 +1,9 @@
 -- A task result (model update, validation, prediction): append it to its inbound stream
 -- and, if the task exists and belongs to the sender, keep the FIRST result on the task.
 -- For a model update, KEYS[3] names the uploaded model's meta: the update only counts
--- when that model was uploaded and verified (state 'ok').
+-- when the task was handed out to the sender (delivered, pending, running, or just reported
+-- completed) and that model was uploaded and verified (state 'ok') after the hand-out, so
+-- naming the seed or an older model for a queued task counts for nothing.
 -- KEYS: 1 inbound stream, 2 task hash, [3 model meta hash]
 -- ARGV: 1 maxlen, 2 client id, 3 now, 4 number of result field/value pairs (n),
 --       5 .. 4+2n result pairs, then stream field/value pairs
@@ -13,7 +15,14 @@ for i = first_stream, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
 if redis.call('HGET', KEYS[2], 'client_id') ~= ARGV[2] then return {id, 0} end
 if redis.call('HEXISTS', KEYS[2], 'result_at') == 1 then return {id, 0} end
-if KEYS[3] and redis.call('HGET', KEYS[3], 'state') ~= 'ok' then return {id, 0} end
+if KEYS[3] then
+  local handed = {delivered = true, pending = true, running = true, completed = true}
+  local task = redis.call('HMGET', KEYS[2], 'state', 'delivered_at')
+  if not handed[task[1]] or not task[2] then return {id, 0} end
+  local model = redis.call('HMGET', KEYS[3], 'state', 'committed_at')
+  if model[1] ~= 'ok' or not model[2] then return {id, 0} end
+  if tonumber(model[2]) < tonumber(task[2]) then return {id, 0} end
+end
 for i = 5, first_stream - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'result_at', ARGV[3], 'result_entry', id)
 -- A streamed task has no ActivityReport: its result is its completion.
