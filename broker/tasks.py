@@ -21,10 +21,11 @@ from broker.records import WIRE_FIELDS, Task
 
 TASK_TYPES = ("Fedn_ModelUpdate", "Fedn_Validation", "Fedn_Prediction")
 PUSH_PER_CALL = 200  # tasks per push.lua call
-# Task data an operator may push (bytes of UTF-8). Real task data is a small JSON config;
-# the cap keeps one streamed task well below the 8 MiB gRPC message limit and bounds what a
-# TaskStream holds (docs/operations.md, "Slow TaskStream readers").
-MAX_TASK_DATA = 1 << 20
+# Task data an operator may push (bytes of UTF-8, as stored). Real task data is a small JSON
+# config; the cap bounds what one task costs a TaskStream, and stays below the 128 KiB a
+# single command-line argument may have (`combiner task push --data`). See
+# docs/operations.md, "Slow TaskStream readers and inbound sizes".
+MAX_TASK_DATA = 64 << 10
 # About how many bytes of task data one stream_take.lua call hands to a TaskStream.
 STREAM_TAKE_BYTES = 1 << 20
 
