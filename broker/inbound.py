@@ -6,9 +6,41 @@ from __future__ import annotations
 from broker.codec import encode_entry
 from broker.consumers import Entry, StreamGroup
 from broker.context import Context, now_str
+from broker.errors import InvalidInput
 from broker.keys import INBOUND_KINDS
 from broker.limits import check_fields, check_ids
 from broker.presence import Presence
+
+# Bytes one client message may take in its stream: the whole entry, field names and values
+# as stored (packed maps packed). What the 1.0.0 client sends is a few hundred bytes to a few
+# KiB; the caps leave room for long log lines and large validation results, and refuse
+# a message before anything is written (docs/operations.md, "Slow TaskStream readers and
+# inbound sizes"). An update's meta is stored twice (stream entry and task), hence counted so.
+ENTRY_LIMITS = {
+    "statuses": 64 << 10,
+    "metrics": 64 << 10,
+    "telemetry": 64 << 10,
+    "attributes": 64 << 10,
+    "updates": 256 << 10,
+    "validations": 1 << 20,
+    "predictions": 1 << 20,
+}
+
+
+def _size(value) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    return len(str(value).encode())
+
+
+def check_size(kind: str, items) -> None:
+    """Raise InvalidInput when the (name, value) pairs of one message exceed its kind's cap."""
+    limit = ENTRY_LIMITS.get(kind)
+    if limit is None:
+        return
+    size = sum(_size(k) + _size(v) for k, v in items)
+    if size > limit:
+        raise InvalidInput(f"{kind} message of {size} bytes is too large: at most {limit}")
 
 
 class Inbound:
@@ -25,6 +57,7 @@ class Inbound:
         check_fields(fields)
         stream = self._ctx.keys.inbound(kind)
         entry = {"client_id": client_id, "received_at": now_str(), **encode_entry(fields)}
+        check_size(kind, entry.items())
         maxlen = self._ctx.settings.stream_maxlen
 
         def build(pipe):
@@ -59,6 +92,7 @@ class Inbound:
             args += [k, v]
         for k, v in {"client_id": client_id, "received_at": t, **fields}.items():
             args += [k, v]
+        check_size(kind, zip(args[4::2], args[5::2], strict=True))
         script_keys = [keys.inbound(kind), keys.task(client_id, correlation_id)]
         if require_model is not None:
             script_keys.append(keys.model(require_model))

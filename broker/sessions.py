@@ -191,17 +191,26 @@ class Sessions:
     ) -> None:
         """Keep stream records: (session id, client id, kind, entry id, record). Keyed by
         entry id, so a record processed twice (after a worker died) is stored once. They
-        expire after task_ttl unless ttl is given."""
+        expire after task_ttl unless ttl is given. A record naming a session that does not
+        exist is kept per client only: a client cannot create session keys."""
         if not items:
             return
         keys = self._ctx.keys
         ttl = self._ctx.settings.task_ttl if ttl is None else ttl
+        named = sorted({item[0] for item in items if item[0]})
 
         async def write():
+            known: set[str] = set()
+            if named:
+                pipe = self._ctx.redis.pipeline(transaction=False)
+                for session_id in named:
+                    pipe.exists(keys.session(session_id))
+                found = await pipe.execute()
+                known = {s for s, n in zip(named, found, strict=True) if n}
             pipe = self._ctx.redis.pipeline(transaction=False)
             for session_id, client_id, kind, entry_id, record in items:
                 doc = json.dumps(record)
-                if session_id:
+                if session_id in known:
                     key = keys.session_records(session_id, kind)
                     pipe.hset(key, entry_id, doc)
                     pipe.expire(key, ttl)

@@ -22,6 +22,13 @@ from broker.records import WIRE_FIELDS, Task
 
 TASK_TYPES = ("Fedn_ModelUpdate", "Fedn_Validation", "Fedn_Prediction")
 PUSH_PER_CALL = 200  # tasks per push.lua call
+# Task data an operator may push (bytes of UTF-8, as stored). Real task data is a small JSON
+# config; the cap bounds what one task costs a TaskStream, and stays below the 128 KiB a
+# single command-line argument may have (`combiner task push --data`). See
+# docs/operations.md, "Slow TaskStream readers and inbound sizes".
+MAX_TASK_DATA = 64 << 10
+# About how many bytes of task data one stream_take.lua call hands to a TaskStream.
+STREAM_TAKE_BYTES = 1 << 20
 
 
 @dataclass
@@ -43,7 +50,10 @@ def validate_task_type(task_type: str) -> None:
 def _task_data(task_type: str, data: str, session_id: str, round_id: str) -> str:
     """The task's data as the client needs it; raises InvalidInput for what it would fail."""
     validate_task_type(task_type)
-    check("task data", data, DATA_BYTES)
+    if len(data.encode()) > MAX_TASK_DATA:
+        raise InvalidInput(
+            f"task data is {len(data.encode())} bytes; at most {MAX_TASK_DATA} are allowed"
+        )
     if task_type == "Fedn_ModelUpdate" or task_type.startswith("Custom_"):
         # The client fails a training task whose data is not a JSON object (§4.3).
         try:
@@ -205,8 +215,12 @@ class TaskQueues:
             return PollReply(echo=text(reply[1]), status=text(reply[2]))
         return PollReply()
 
-    async def take_for_stream(self, client_id: str, limit: int = 100) -> list[Task]:
-        """Every queued task of a client, for its TaskStream (each taken exactly once)."""
+    async def take_for_stream(
+        self, client_id: str, limit: int = 100, max_bytes: int = STREAM_TAKE_BYTES
+    ) -> tuple[list[Task], bool]:
+        """Queued tasks of a client for its TaskStream (each taken exactly once): at most
+        `limit` tasks and about `max_bytes` of task data (at least one task). Returns them and
+        whether more are queued (take again once these are written)."""
         check_ids(client_id=client_id)
         self._presence.served(client_id)
         keys = self._ctx.keys
@@ -223,17 +237,14 @@ class TaskQueues:
             keys.task_prefix(client_id),
             limit,
             self._ctx.settings.task_ttl,
+            max_bytes,
         ]
         n = len(WIRE_FIELDS)
-        tasks: list[Task] = []
-        while True:  # one script call takes at most `limit`; a full batch means maybe more
-            flat = await self._ctx.batcher.submit(
-                lambda pipe: self._ctx.scripts.call(pipe, "stream_take", script_keys, args)
-            )
-            flat = flat[0]
-            tasks += [_task_from(flat[i : i + n], client_id) for i in range(0, len(flat), n)]
-            if len(flat) < n * limit:
-                return tasks
+        flat = await self._ctx.batcher.submit(
+            lambda pipe: self._ctx.scripts.call(pipe, "stream_take", script_keys, args)
+        )
+        more, flat = bool(int(flat[0][0])), flat[0][1:]
+        return [_task_from(flat[i : i + n], client_id) for i in range(0, len(flat), n)], more
 
     async def recover_for_stream(self, client_id: str) -> int:
         """A new TaskStream opens: queue again the tasks earlier streams of this client took

@@ -298,6 +298,14 @@ def main() -> None:
     help="Seconds between keepalive messages on an idle TaskStream.",
 )
 @option(
+    "--stream-write-timeout",
+    default=30.0,
+    type=click.FloatRange(0.1),
+    help="Seconds a TaskStream message may wait for the client to read; a stream that does "
+    "not drain is then ended with FAILED_PRECONDITION and its tasks stay queued for the "
+    "client's next stream.",
+)
+@option(
     "--reuse-port/--no-reuse-port",
     default=False,
     help="Set SO_REUSEPORT, so several serve processes on one host share --port (the "

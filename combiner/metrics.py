@@ -13,6 +13,10 @@ RPC_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
 )
 OPEN_STREAMS = Gauge("combiner_open_task_streams", "TaskStreams open on this replica")
+STALLED_STREAMS = Counter(
+    "combiner_stalled_task_streams_total",
+    "TaskStreams whose client did not read a message within --stream-write-timeout",
+)
 REDIS_ROUND_TRIPS = Gauge(
     "combiner_redis_pipelines_total", "Batched Redis round trips (pipelines) sent so far"
 )

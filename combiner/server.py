@@ -33,6 +33,7 @@ class ServeOptions:
     drain_timeout: float = 10.0
     drain_delay: float = 0.0  # keep serving this long after NOT_SERVING (let the LB notice)
     stream_keepalive: float = 15.0
+    stream_write_timeout: float = 30.0  # a TaskStream not read this long is ended
     reuse_port: bool = False  # SO_REUSEPORT: only for several processes on one port
     # Upload limits (docs/operations.md, "Upload limits")
     upload_idle_timeout: float = 120.0  # no chunk for this long: the upload is abandoned
@@ -68,7 +69,9 @@ class Replica:
         self.broker = broker
         self.opts = opts
         self.server = grpc.aio.server(options=grpc_options(opts))
-        self.combiner = servicer.CombinerServicer(broker, opts.stream_keepalive)
+        self.combiner = servicer.CombinerServicer(
+            broker, opts.stream_keepalive, opts.stream_write_timeout
+        )
         self.models = model_service.ModelServicer(
             broker,
             opts.max_model_bytes,

@@ -16,7 +16,7 @@ from broker import Broker, InvalidInput
 from broker.limits import TEXT_BYTES, check, check_ids
 from broker.records import Task
 from combiner import __version__
-from combiner.metrics import OPEN_STREAMS
+from combiner.metrics import OPEN_STREAMS, STALLED_STREAMS
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
 
@@ -70,10 +70,22 @@ def version_ok(client_version: str) -> bool:
     return client_version.split(".", 1)[0] == "1"
 
 
+class StalledStream(Exception):
+    """A TaskStream's client did not take a message within the write timeout; `write` is
+    that write, still pending in the transport."""
+
+    def __init__(self, write: asyncio.Future) -> None:
+        super().__init__("task stream not read")
+        self.write = write
+
+
 class CombinerServicer(pb_grpc.CombinerClientServicer):
-    def __init__(self, broker: Broker, stream_keepalive: float = 15.0) -> None:
+    def __init__(
+        self, broker: Broker, stream_keepalive: float = 15.0, stream_write_timeout: float = 30.0
+    ) -> None:
         self.broker = broker
         self.stream_keepalive = stream_keepalive
+        self.stream_write_timeout = stream_write_timeout
         self.open_streams: dict[str, int] = {}  # client id -> local streams (for leases)
         self._closing = asyncio.Event()
 
@@ -239,13 +251,24 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         await self.broker.presence.touch(client_id, name)
         return pb.Response(response="Heartbeat received.")
 
-    async def TaskStream(self, request: pb.ClientAvailableMessage, context):
+    async def _write(self, context, message: pb.TaskRequest) -> None:
+        """Send one message on a TaskStream. context.write() returns once HTTP/2 flow control
+        lets the message out, so a client that does not read blocks it: past the write
+        timeout the stream is stalled (StalledStream) and takes nothing more from Redis."""
+        write = asyncio.ensure_future(context.write(message))
+        done, _ = await asyncio.wait([write], timeout=self.stream_write_timeout)
+        if not done:
+            raise StalledStream(write)
+        write.result()
+
+    async def TaskStream(self, request: pb.ClientAvailableMessage, context) -> None:
         client_id, name = identity(context, request.client_id)
         broker = self.broker
         # Tasks an earlier stream of this client took but never got an answer for (e.g.
-        # its replica was killed before the client read them) go back to the queue first
-        # (broker/lua/stream_recover.lua). This runs before the stream counts as open and
-        # before its first take, so it never puts back a task this stream took.
+        # its replica was killed before the client read them, or it was ended as stalled)
+        # go back to the queue first (broker/lua/stream_recover.lua). This runs before the
+        # stream counts as open and before its first take, so it never puts back a task
+        # this stream took.
         recovered = await broker.tasks.recover_for_stream(client_id)
         if recovered:
             log.info("client %s: %d unanswered streamed task(s) queued again", client_id, recovered)
@@ -267,18 +290,42 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
                 except TimeoutError:
                     # Application-level keepalive: an empty TaskRequest, which the client
                     # ignores (no type), keeps proxies from cutting an idle stream.
-                    yield pb.TaskRequest()
+                    await self._write(context, pb.TaskRequest())
                     continue
                 if self._closing.is_set():  # close_streams() woke every stream
                     break
                 event.clear()
-                for task in await broker.tasks.take_for_stream(client_id):
+                # One bounded take at a time, written before the next: the replica holds
+                # at most one take's worth of task data per stream (STREAM_TAKE_BYTES).
+                tasks, more = await broker.tasks.take_for_stream(client_id)
+                for task in tasks:
                     if task.correlation_id in sent:  # de-duplicate by correlation id
                         continue
                     sent.add(task.correlation_id)
-                    yield task_request(task)
+                    await self._write(context, task_request(task))
+                if more:
+                    event.set()
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "replica is draining; open the stream again"
+            )
+        except StalledStream as stalled:
+            # The tasks this stream took and did not send stay 'delivered' in its
+            # stream-delivered set: the client's next stream queues them again
+            # (stream_recover.lua), as it does those the client got here but never answered.
+            # grpc cannot send a status while a write is pending, and a server-side
+            # handler cannot reset its stream, so the status follows once the client reads
+            # the pending message (or the call ends when it cancels). Until then the replica
+            # holds that one message and nothing else for this stream.
+            STALLED_STREAMS.inc()
+            log.warning("client %s: task stream not read, ending it", client_id)
+            try:
+                await stalled.write
+            except Exception:  # the client went away: nothing left to tell it
+                return
+            # FAILED_PRECONDITION: the 1.0.0 client opens a new stream (docs/protocol.md §3)
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"task stream not read for {self.stream_write_timeout:g} s; open it again",
             )
         finally:
             log.info("client %s task stream closed", client_id)

@@ -603,8 +603,9 @@ async def test_stream_tasks_a_dead_replica_took_are_handed_to_the_next_stream(br
     # A replica takes all three for c1's stream, then dies before c1 reads them (what
     # kill -9 does to the tasks in flight). One is answered anyway (c1 did read it and sent
     # its result through another replica); the coordinator times out another.
-    taken = await broker.tasks.take_for_stream("c1")
+    taken, more = await broker.tasks.take_for_stream("c1")
     assert [t.correlation_id for t in taken] == [lost, answered, timed_out]
+    assert not more
     kept = await broker.inbound.add_result(
         "validations", "c1", answered, {"result": "{}"}, {"correlation_id": answered}
     )

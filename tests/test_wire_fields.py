@@ -70,5 +70,6 @@ async def test_poll_hands_out_every_field_in_its_place(broker):
 
 async def test_stream_take_hands_out_every_field_in_its_place(broker):
     await _push_distinct(broker, "wire-stream")
-    [task] = await broker.tasks.take_for_stream("wire-stream")
+    [task], more = await broker.tasks.take_for_stream("wire-stream")
+    assert not more
     assert task == await _expected(broker, "wire-stream")
