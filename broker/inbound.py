@@ -8,22 +8,26 @@ from broker.consumers import Entry, StreamGroup
 from broker.context import Context, now_str
 from broker.errors import InvalidInput
 from broker.keys import INBOUND_KINDS
-from broker.limits import check_fields, check_ids
+from broker.limits import DATA_BYTES, TEXT_BYTES, check_fields, check_ids
 from broker.presence import Presence
 
 # Bytes one client message may take in its stream: the whole entry, field names and values
 # as stored (packed maps packed). What the 1.0.0 client sends is a few hundred bytes to a few
-# KiB; the caps leave room for long log lines and large validation results, and refuse
-# a message before anything is written (docs/operations.md, "Slow TaskStream readers and
-# inbound sizes"). An update's meta is stored twice (stream entry and task), hence counted so.
+# KiB. Each cap leaves room for one field at its own limit (broker/limits.py) plus the
+# others, so it bounds what many fields together add; results' data and an update's meta are
+# stored twice (stream entry and task), hence counted so (docs/operations.md, "Slow
+# TaskStream readers and inbound sizes"). A message over its cap is refused before anything
+# is written.
+_SMALL = TEXT_BYTES + (16 << 10)
+_RESULT = 2 * DATA_BYTES + TEXT_BYTES
 ENTRY_LIMITS = {
-    "statuses": 64 << 10,
-    "metrics": 64 << 10,
-    "telemetry": 64 << 10,
-    "attributes": 64 << 10,
-    "updates": 256 << 10,
-    "validations": 1 << 20,
-    "predictions": 1 << 20,
+    "statuses": _SMALL,
+    "metrics": _SMALL,
+    "telemetry": _SMALL,
+    "attributes": _SMALL,
+    "updates": _RESULT,
+    "validations": _RESULT,
+    "predictions": _RESULT,
 }
 
 
