@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from workers.coordinator import update_weight
 from workers.fedavg import BadUpdate, StreamingMean, load_npz, save_npz
 
 rng = np.random.default_rng(7)
@@ -84,3 +85,19 @@ def test_weight_must_be_positive():
     mean.add_npz(save_npz(model()), 1)
     with pytest.raises(BadUpdate, match="> 0"):
         mean.add_npz(save_npz(model()), 0)
+
+
+@pytest.mark.parametrize(
+    ("meta", "weight"),
+    [
+        ('{"training_metadata": {"num_examples": 7}}', 7.0),
+        ("", None),
+        ("not json", None),
+        ('{"training_metadata": {}}', None),
+        ('{"training_metadata": {"num_examples": [1]}}', None),
+        ("[" * 100_000, None),  # too deep for json: RecursionError, not a stopped worker
+        ('{"a":' * 5_000 + "1" + "}" * 5_000, None),
+    ],
+)
+def test_update_weight_reads_num_examples_and_rejects_anything_else(meta, weight):
+    assert update_weight(meta) == weight

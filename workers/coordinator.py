@@ -57,6 +57,16 @@ DEFAULTS = {
 }
 
 
+def update_weight(result_meta: str) -> float | None:
+    """An update's FedAvg weight, meta.training_metadata.num_examples (docs/protocol.md §4.6),
+    or None when the meta does not give one. A client's meta is hostile input: JSON nested
+    too deeply to parse (RecursionError) must reject the update, not stop the worker."""
+    try:
+        return float(json.loads(result_meta or "{}")["training_metadata"]["num_examples"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
 class Coordinator:
     def __init__(
         self,
@@ -302,10 +312,8 @@ class Coordinator:
         mean = StreamingMean()
         used, rejected = [], {}
         for client, rec in kept:
-            try:
-                meta = json.loads(rec.result_meta or "{}")
-                weight = float(meta["training_metadata"]["num_examples"])
-            except (ValueError, KeyError, TypeError):
+            weight = update_weight(rec.result_meta)
+            if weight is None:
                 rejected[client] = "missing or invalid meta.training_metadata.num_examples"
                 continue
             try:
