@@ -248,3 +248,19 @@ class ReplicaRecord(_HashRecord):
     @property
     def client_count(self) -> int:
         return _int(self.clients)
+
+
+@dataclass
+class WorkerRecord(_HashRecord):
+    """``P:worker:W``: what a live worker reports about itself (its upkeep role rewrites it)."""
+
+    id: str = ""
+    pid: str = ""
+    started: str = ""
+    seen: str = ""
+    roles: str = "{}"  # JSON: role -> "ok" | "stopped: <error>"
+
+    @property
+    def role_health(self) -> dict[str, str]:
+        value = _json(self.roles, {})
+        return value if isinstance(value, dict) else {}

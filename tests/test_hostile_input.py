@@ -27,7 +27,7 @@ from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta, next_task
 from tests.services import eventually
 from tests.test_cli import assert_clean_failure, keys_under, run
-from tests.test_rpc_guard import GOOD_METADATA, METHODS, RPC_DEADLINE, counted, outcome
+from tests.test_rpc_guard import GOOD_METADATA, METHODS, counted, outcome
 
 ID, LABEL, TEXT, DATA = limits.ID_BYTES, limits.LABEL_BYTES, limits.TEXT_BYTES, limits.DATA_BYTES
 MODEL_ID = 255  # model ids are file names (broker/models.py)
@@ -44,26 +44,6 @@ async def quiet(replica, broker, prefix):
     prefix was written by a call."""
     await replica.register(lease=60)
     return await keys(broker, prefix)
-
-
-def kind_of(method) -> str:
-    kind = "stream" if method.client_streaming else "unary"
-    return kind + ("_stream" if method.server_streaming else "_unary")
-
-
-async def raw_outcome(channel, service, method, body, metadata=()) -> tuple[grpc.StatusCode, str]:
-    """Send raw bytes (a list of messages for a client stream) with no serializer at all."""
-    rpc = getattr(channel, kind_of(method))(f"/{service.full_name}/{method.name}")
-    call = rpc(body, metadata=metadata, timeout=RPC_DEADLINE)
-    try:
-        if method.server_streaming:
-            async for _ in call:
-                pass
-        else:
-            await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.OK, ""
 
 
 # --- bodies that do not parse (item 2) ---------------------------------------------------
@@ -99,8 +79,8 @@ async def test_a_body_that_does_not_parse_is_invalid_argument_on_every_rpc(
             before = counted(method.name, "INVALID_ARGUMENT")
             caplog.clear()
             with caplog.at_level(logging.INFO):
-                code, details = await raw_outcome(
-                    stubs.channel, service, method, sent, GOOD_METADATA
+                code, details = await outcome(
+                    stubs.channel, service, method, sent, GOOD_METADATA, raw=True
                 )
             calls += 1
             logged = [r for r in caplog.records if r.levelno >= logging.WARNING]

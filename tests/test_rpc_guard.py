@@ -36,20 +36,24 @@ def request_for(method) -> object:
     return GetMessageClass(method.input_type)(**fields, **EXTRA_FIELDS.get(method.name, {}))
 
 
-async def outcome(channel, service, method, request, metadata=()) -> tuple[grpc.StatusCode, str]:
-    """Call service/method by its descriptor (any of the four kinds) and return its status."""
+async def outcome(
+    channel, service, method, request, metadata=(), *, raw: bool = False
+) -> tuple[grpc.StatusCode, str]:
+    """Call service/method by its descriptor (any of the four kinds) and return its status.
+    raw: request is bytes (a list of bytes for a client stream), sent with no serializer."""
     kind = "stream" if method.client_streaming else "unary"
     kind += "_stream" if method.server_streaming else "_unary"
-    rpc = getattr(channel, kind)(
-        f"/{service.full_name}/{method.name}",
-        request_serializer=GetMessageClass(method.input_type).SerializeToString,
-        response_deserializer=GetMessageClass(method.output_type).FromString,
-    )
-    call = rpc(
-        iter([request]) if method.client_streaming else request,
-        metadata=metadata,
-        timeout=RPC_DEADLINE,
-    )
+    path = f"/{service.full_name}/{method.name}"
+    if raw:
+        rpc = getattr(channel, kind)(path)
+    else:
+        rpc = getattr(channel, kind)(
+            path,
+            request_serializer=GetMessageClass(method.input_type).SerializeToString,
+            response_deserializer=GetMessageClass(method.output_type).FromString,
+        )
+        request = iter([request]) if method.client_streaming else request
+    call = rpc(request, metadata=metadata, timeout=RPC_DEADLINE)
     try:
         if method.server_streaming:
             async for _ in call:
