@@ -1,7 +1,7 @@
 """The Broker: the one object the front end and the workers hold to reach Redis.
 
 Its public names are its parts (presence, tasks, inbound, models, wakeups, sessions,
-replicas, workers), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
+replicas, workers, credentials), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
 schema, scripts, batcher and settings are private (tests/test_layout.py keeps combiner/ and
 workers/ off them). Tests and benchmarks that must look at Redis itself (to assert what was
 or was not written) may read ``_redis``, ``_keys`` and ``_batcher``; nothing else may.
@@ -21,6 +21,7 @@ from redis.retry import Retry
 from broker.batching import Batcher
 from broker.connection import with_hiredis_packing
 from broker.context import Context, Settings
+from broker.credentials import Credentials
 from broker.inbound import Inbound
 from broker.keys import Keys
 from broker.models import ModelStore
@@ -80,6 +81,7 @@ class Broker:
         self.sessions = Sessions(self._ctx)
         self.replicas = Replicas(self._ctx, self.replica_id, self.presence)
         self.workers = Workers(self._ctx)
+        self.credentials = Credentials(self._ctx)
         self.pipeline_counters = PipelineCounters(self._batcher)
 
     async def start(self) -> None:

@@ -43,6 +43,12 @@ P:session:S:round:R:tasks          hash    training correlation id -> client id
 P:session:S:round:R:validations    hash    validation correlation id -> client id
 P:session:S:rec:KIND               hash    stream entry id -> record (metrics, ...)
 P:{c:C}:rec:KIND                   list    the client's latest records (capped)
+P:auth:token:I                     hash    refresh token I (first 16 hex of its SHA-256):
+                                           hash, client_id, role, created, expires, status
+P:auth:tokens                      zset    token id -> created (unix seconds)
+P:auth:keys                        hash    signing key id -> its public key (PEM)
+P:auth:revoked                     zset    revoked token id -> when to forget it
+P:auth:revocations                 string  counter, bumped by every revocation
 =================================  ======  ===========================================
 """
 
@@ -173,6 +179,26 @@ class Keys:
 
     def session_records(self, session_id: str, kind: str) -> str:
         return f"{self.session(session_id)}:rec:{kind}"
+
+    # credentials (broker/credentials.py)
+    def token(self, token_id: str) -> str:
+        return f"{self.prefix}:auth:token:{encode_id(token_id)}"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.prefix}:auth:tokens"
+
+    @property
+    def signing_keys(self) -> str:
+        return f"{self.prefix}:auth:keys"
+
+    @property
+    def revoked(self) -> str:
+        return f"{self.prefix}:auth:revoked"
+
+    @property
+    def revocations(self) -> str:
+        return f"{self.prefix}:auth:revocations"
 
     def client_records(self, client_id: str, kind: str) -> str:
         return f"{self.client_tag(client_id)}:rec:{kind}"

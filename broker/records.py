@@ -250,6 +250,41 @@ class ReplicaRecord(_HashRecord):
         return _int(self.clients)
 
 
+class TokenStatus(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class Role(StrEnum):
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+@dataclass
+class TokenRecord(_HashRecord):
+    """``P:auth:token:I``: a refresh token, kept as the SHA-256 of its text (broker/credentials.py)."""
+
+    id: str = ""  # first 16 hex digits of the hash: what list shows and revoke takes
+    hash: str = ""
+    client_id: str = ""
+    role: str = Role.CLIENT
+    created: str = ""
+    expires: str = ""  # unix seconds; empty: never
+    status: str = TokenStatus.ACTIVE
+    revoked_at: str = ""
+
+    def usable(self, at: float) -> bool:
+        return self.status == TokenStatus.ACTIVE and (
+            not self.expires or float(self.expires) > at
+        )
+
+    def public(self) -> dict[str, str]:
+        """What `combiner token list --json` shows (never the hash)."""
+        out = self.to_hash()
+        out.pop("hash", None)
+        return out
+
+
 @dataclass
 class WorkerRecord(_HashRecord):
     """``P:worker:W``: what a live worker reports about itself (its upkeep role rewrites it)."""
