@@ -1,10 +1,11 @@
 """The Broker: the one object the front end and the workers hold to reach Redis.
 
 Its public names are its parts (presence, tasks, inbound, models, wakeups, sessions,
-replicas, workers, credentials), ``replica_id``, ``pipeline_counters`` and start/close/ping; the client, key
-schema, scripts, batcher and settings are private (tests/test_layout.py keeps combiner/ and
-workers/ off them). Tests and benchmarks that must look at Redis itself (to assert what was
-or was not written) may read ``_redis``, ``_keys`` and ``_batcher``; nothing else may.
+replicas, workers, credentials), ``replica_id``, ``pipeline_counters`` and start/close/ping;
+the client, key schema, scripts, batcher and settings are private (tests/test_layout.py
+keeps combiner/ and workers/ off them). Tests and benchmarks that must look at Redis itself
+(to assert what was or was not written) may read ``_redis``, ``_keys`` and ``_batcher``;
+nothing else may.
 """
 
 from __future__ import annotations

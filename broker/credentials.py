@@ -74,7 +74,8 @@ class Credentials:
         if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
             return None
         digest = token_hash(token)
-        raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.token(digest[:TOKEN_ID_HEX]))
+        key = self._ctx.keys.token(digest[:TOKEN_ID_HEX])
+        raw = await self._ctx.call(self._ctx.redis.hgetall, key)
         if not raw:
             return None
         record = TokenRecord.from_hash(text_map(raw))

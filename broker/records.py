@@ -262,7 +262,8 @@ class Role(StrEnum):
 
 @dataclass
 class TokenRecord(_HashRecord):
-    """``P:auth:token:I``: a refresh token, kept as the SHA-256 of its text (broker/credentials.py)."""
+    """``P:auth:token:I``: a refresh token, kept as the SHA-256 of its text
+    (broker/credentials.py)."""
 
     id: str = ""  # first 16 hex digits of the hash: what list shows and revoke takes
     hash: str = ""
@@ -274,9 +275,7 @@ class TokenRecord(_HashRecord):
     revoked_at: str = ""
 
     def usable(self, at: float) -> bool:
-        return self.status == TokenStatus.ACTIVE and (
-            not self.expires or float(self.expires) > at
-        )
+        return self.status == TokenStatus.ACTIVE and (not self.expires or float(self.expires) > at)
 
     def public(self) -> dict[str, str]:
         """What `combiner token list --json` shows (never the hash)."""
