@@ -312,6 +312,58 @@ def main() -> None:
     "kernel spreads connections over them). Off by default: a second server on a taken "
     "port then fails at start instead of silently taking part of its traffic.",
 )
+@option(
+    "--insecure",
+    is_flag=True,
+    default=False,
+    help="Check no tokens: any caller may act as any client. Loopback development only; "
+    "logged as a warning at start.",
+)
+@option(
+    "--http-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve the HTTP side (POST /api/auth/refresh, /api/v1/clients/add) on this port "
+    "(0: any free port). Default: no HTTP side.",
+)
+@option(
+    "--public-host",
+    default="",
+    help="Host that /api/v1/clients/add tells clients to dial (e.g. the load balancer's). "
+    "Default: --host.",
+)
+@option(
+    "--public-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="Port that /api/v1/clients/add tells clients to dial; 443 makes the 1.0.0 client "
+    "use TLS. Default: this replica's gRPC port.",
+)
+@option(
+    "--signing-key",
+    default="",
+    help="Ed25519 private key (PEM) that signs access tokens; created if missing, its "
+    "public half published to Redis. Default: <state-dir>/signing-key.pem when the HTTP "
+    "side is on.",
+)
+@option(
+    "--access-ttl",
+    default=3600,
+    type=click.IntRange(120, 7 * 86400),
+    help="Seconds an access token lives (the 1.0.0 client refreshes 30 s before expiry).",
+)
+@option(
+    "--audience",
+    default="scaleout",
+    help="The aud claim of access tokens: a deployment accepts only its own.",
+)
+@option(
+    "--tls-cert",
+    default="",
+    help="PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key). A renewed "
+    "file is picked up without a restart.",
+)
+@option("--tls-key", default="", help="PEM private key of --tls-cert.")
 @run_async
 async def serve(cfg: Config) -> None:
     """Run one front-end replica (gRPC: CombinerClient, ModelService, health, reflection)."""

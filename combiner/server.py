@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker import Broker, BrokerError
 from combiner import model_service, servicer
+from combiner.auth import Authenticator
 from combiner.errors import GuardedServer
 from combiner.pb import scaleout_pb2 as pb
 
@@ -39,6 +40,16 @@ class ServeOptions:
     upload_idle_timeout: float = 120.0  # no chunk for this long: the upload is abandoned
     max_uploads: int = 256  # uploads in progress on this replica at once
     max_uploads_per_client: int = 2  # ... and per client id
+    # Auth and TLS (docs/security.md)
+    insecure: bool = False  # no tokens: any caller may claim any client id
+    http_port: int | None = None  # the HTTP side (token exchange, assignment); None: off
+    public_host: str = ""  # what /api/v1/clients/add tells clients to dial (default: host)
+    public_port: int = 0  # ... and its port (default: this replica's gRPC port)
+    signing_key: str = ""  # Ed25519 private key file; empty: this replica mints no tokens
+    access_ttl: int = 3600  # seconds an access token lives (the client refreshes 30 s early)
+    audience: str = "scaleout"  # the aud claim; tokens of another deployment's aud fail
+    tls_cert: str = ""  # PEM certificate chain; with tls_key: gRPC and HTTP over TLS
+    tls_key: str = ""
 
 
 def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
@@ -91,6 +102,8 @@ class Replica:
              reflection.SERVICE_NAME, health.SERVICE_NAME),
             self.server,
         )  # fmt: skip
+        # None with --insecure: then nothing checks who calls (combiner/auth.py)
+        self.auth = None if opts.insecure else Authenticator(broker.credentials, opts.audience)
         self.port = 0
         self._upkeep: asyncio.Task | None = None
         self.started = time.time()
@@ -99,6 +112,13 @@ class Replica:
         self.port = self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.opts.host}:{self.opts.port}")
+        if self.auth is not None:
+            await self.auth.start()
+        else:
+            log.warning(
+                "--insecure: no tokens are checked, any caller may act as any client "
+                "(loopback development only)"
+            )
         self.broker.wakeups.start()
         await self.server.start()
         for name in ("", *SERVICES):
@@ -148,6 +168,8 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
         await self.server.stop(grace)
+        if self.auth is not None:
+            await self.auth.stop()
         await self.models.cache.close()
         with contextlib.suppress(Exception):
             await self.broker.replicas.deregister()

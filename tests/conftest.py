@@ -39,6 +39,8 @@ async def make_replica(redis_url, prefix):
     started = []
 
     async def start(model_dir=None, **opts):
+        # Tests of the data plane run without tokens; the auth tests pass insecure=False.
+        opts.setdefault("insecure", True)
         b = await connect(redis_url, settings=Settings(prefix=prefix), model_dir=model_dir)
         replica = Replica(b, ServeOptions(port=0, **opts))
         await replica.start()
@@ -79,6 +81,7 @@ async def replica_at(url: str, prefix: str = "", pool_size: int = 16, **opts):
     """A replica (real gRPC over loopback) on the Redis at url, and stubs to it; for tests
     that need a Redis of their own (faults, connection counts)."""
     prefix = prefix or f"t{uuid.uuid4().hex[:10]}"
+    opts.setdefault("insecure", True)
     async with connect(url, settings=Settings(prefix=prefix), pool_size=pool_size) as b:
         replica = Replica(b, ServeOptions(port=0, **opts))
         await replica.start()

@@ -40,7 +40,7 @@ async def health_of(port: int) -> int:
 
 
 async def test_replica_serves_inside_its_block_only(broker):
-    async with Replica(broker, ServeOptions(port=0, drain_timeout=0)) as replica:
+    async with Replica(broker, ServeOptions(port=0, drain_timeout=0, insecure=True)) as replica:
         port = replica.port
         assert await health_of(port) == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.aio.AioRpcError):
@@ -50,7 +50,7 @@ async def test_replica_serves_inside_its_block_only(broker):
 
 async def test_replica_stops_when_its_block_fails(broker):
     with pytest.raises(LookupError):
-        async with Replica(broker, ServeOptions(port=0)) as replica:
+        async with Replica(broker, ServeOptions(port=0, insecure=True)) as replica:
             port = replica.port
             raise LookupError("the block failed")
     with pytest.raises(grpc.aio.AioRpcError):
