@@ -27,3 +27,7 @@ class Conflict(BrokerError):
 
 class TooLarge(BrokerError):
     """The payload exceeds a configured limit."""
+
+
+class Forbidden(BrokerError):
+    """The caller may not act on the named thing (another client's task or model)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from broker.codec import encode_entry
 from broker.consumers import Entry, StreamGroup
-from broker.context import Context, now_str
-from broker.errors import InvalidInput
+from broker.context import Context, now_str, text
+from broker.errors import Forbidden, InvalidInput, NotFound
 from broker.keys import INBOUND_KINDS
 from broker.limits import DATA_BYTES, TEXT_BYTES, check_fields, check_ids
 from broker.presence import Presence
@@ -47,6 +47,16 @@ def check_size(kind: str, items) -> None:
         raise InvalidInput(f"{kind} message of {size} bytes is too large: at most {limit}")
 
 
+def _refuse(why: str, client_id: str, correlation_id: str, model_id: str) -> None:
+    """What ingest_result.lua's strict refusal means. NotFound for a task that is not the
+    client's, whoever's it is: no answer tells one client about another's tasks."""
+    if why == "task":
+        raise NotFound(f"no task {correlation_id[:80]!r} of client {client_id[:80]!r}")
+    if why == "nomodel":
+        raise NotFound(f"no uploaded model {model_id[:80]!r}: upload it before the update")
+    raise Forbidden(f"model {model_id[:80]!r} was not uploaded by client {client_id[:80]!r}")
+
+
 class Inbound:
     def __init__(self, ctx: Context, presence: Presence) -> None:
         self._ctx = ctx
@@ -80,26 +90,43 @@ class Inbound:
         fields: dict,
         name: str = "",
         require_model: str | None = None,
+        strict: bool = False,
     ) -> bool:
         """Append a task result; keep the first one on the task it answers (for an update,
         only if the task was handed out to this client and the model ``require_model`` was
         uploaded and verified after the hand-out). Returns whether it was kept. Raises
-        InvalidInput, before writing, for a value over its limit."""
+        InvalidInput, before writing, for a value over its limit.
+
+        strict (an authenticated sender): the task must be one of client_id's and the
+        update's model one client_id uploaded; otherwise NotFound / Forbidden, and nothing
+        is written (no stream entry, no presence)."""
         check_ids(client_id=client_id, correlation_id=correlation_id, name=name)
         check_ids(model_update_id=require_model or "")
         check_fields(result)
         check_fields(fields)
         keys = self._ctx.keys
         t = now_str()
-        args = [self._ctx.settings.stream_maxlen, client_id, t, len(result)]
+        args = [self._ctx.settings.stream_maxlen, client_id, t, "1" if strict else "0", len(result)]
         for k, v in result.items():
             args += [k, v]
         for k, v in {"client_id": client_id, "received_at": t, **fields}.items():
             args += [k, v]
-        check_size(kind, zip(args[4::2], args[5::2], strict=True))
+        check_size(kind, zip(args[5::2], args[6::2], strict=True))
         script_keys = [keys.inbound(kind), keys.task(client_id, correlation_id)]
         if require_model is not None:
             script_keys.append(keys.model(require_model))
+
+        if strict:
+            # the presence write must wait for the script's verdict: a refused result
+            # writes nothing
+            reply = await self._ctx.batcher.submit(
+                lambda pipe: self._ctx.scripts.call(pipe, "ingest_result", script_keys, args)
+            )
+            reply = reply[0]
+            if not reply[0]:
+                _refuse(text(reply[2]), client_id, correlation_id, require_model or "")
+            await self._presence.touch(client_id, name)
+            return bool(reply[1])
 
         def build(pipe):
             self._ctx.scripts.call(pipe, "ingest_result", script_keys, args)

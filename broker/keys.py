@@ -19,6 +19,8 @@ P:{c:C}:task:T                     hash    one task: type, model_id, data, sessi
                                            round_id, state, flag, report, result ...
 P:{c:C}:streamed                   set     tasks C's TaskStreams took and no result answered
                                            yet (put back when C opens a new stream)
+P:{c:C}:models                     set     model ids of C's tasks: the models C may download
+                                           (expires with the task TTL, renewed per push)
 P:taskref:T                        string  client id owning task T (lookup by id alone)
 P:clients                          zset    client id -> last seen (unix seconds)
 P:streams                          zset    client id -> lease expiry of an open TaskStream
@@ -27,7 +29,8 @@ P:replica:R                        hash    id, address, pid, started, streams, c
 P:workers                          zset    worker id -> lease expiry
 P:worker:W                         hash    id, pid, started, seen, roles (JSON: role -> health)
 P:in:KIND                          stream  inbound messages (updates, validations, ...)
-P:model:M                          hash    model meta: state, size, sha256, store, chunks
+P:model:M                          hash    model meta: state, size, sha256, store, chunks,
+                                           uploader (client id; '' for operators, workers)
 P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)
 P:model:M:upload:U                 list    chunks of an upload in progress (expires)
 P:wake                             pubsub  wake-ups for TaskStreams: encoded client ids,
@@ -106,6 +109,10 @@ class Keys:
 
     def task(self, client_id: str, correlation_id: str) -> str:
         return f"{self.client_tag(client_id)}:task:{encode_id(correlation_id)}"
+
+    def given_models(self, client_id: str) -> str:
+        """Model ids of the client's tasks: what an authenticated client may download."""
+        return f"{self.client_tag(client_id)}:models"
 
     def task_prefix(self, client_id: str) -> str:
         """What the poll script prepends to an (encoded) correlation id."""

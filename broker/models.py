@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from broker.context import Context, now_str, text, text_map
-from broker.errors import Conflict, InvalidInput, NotFound, NotReady, TooLarge
+from broker.errors import Conflict, Forbidden, InvalidInput, NotFound, NotReady, TooLarge
 
 CHUNK = 1024 * 1024  # stored and served chunk size (the client sends 1 MiB chunks)
 # 255: the longest file name (NAME_MAX) the disk store can create.
@@ -48,9 +48,18 @@ def check_model_id(model_id: str) -> None:
 class Upload:
     """One upload in progress: feed it chunks, then commit (or abort)."""
 
-    def __init__(self, store: ModelStore, model_id: str, max_bytes: int) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        model_id: str,
+        max_bytes: int,
+        uploader: str = "",
+        strict: bool = False,
+    ) -> None:
         self.store = store
         self.model_id = model_id
+        self.uploader = uploader  # the client id the meta names (SendModelUpdate checks it)
+        self.strict = strict  # an authenticated uploader: another's id is Forbidden
         self.upload_id = uuid.uuid4().hex
         self.max_bytes = max_bytes
         self.size = 0
@@ -66,13 +75,23 @@ class Upload:
 
     async def begin(self) -> None:
         ctx = self.store.ctx
-        await ctx.call(
+        got = await ctx.call(
             ctx.scripts.run,
             ctx.redis,
             "model_begin",
             [ctx.keys.model(self.model_id)],
-            [ctx.settings.upload_ttl, self.upload_id, now_str()],
+            [
+                ctx.settings.upload_ttl,
+                self.upload_id,
+                now_str(),
+                self.uploader,
+                "1" if self.strict else "0",
+            ],
         )
+        if text(got) == "denied":
+            raise Forbidden(
+                f"model id {self.model_id[:80]!r} belongs to another uploader; use a new id"
+            )
         if self.store.directory is not None:
             self._file = await asyncio.to_thread(open, self._staged_path, "wb")
 
@@ -171,6 +190,7 @@ class Upload:
                     now_str(),
                     self.upload_id,
                     self.file_name if self._placed is not None else "",
+                    self.uploader,
                 ],
             )
         )
@@ -225,9 +245,13 @@ class ModelStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.kind = "disk" if self.directory is not None else "redis"
 
-    def upload(self, model_id: str, max_bytes: int) -> Upload:
+    def upload(
+        self, model_id: str, max_bytes: int, uploader: str = "", strict: bool = False
+    ) -> Upload:
+        """An upload of model_id by uploader (a client id; '' for operators and workers).
+        strict: refuse (Forbidden, at begin) an id another uploader holds."""
         check_model_id(model_id)
-        return Upload(self, model_id, max_bytes)
+        return Upload(self, model_id, max_bytes, uploader, strict)
 
     async def meta(self, model_id: str) -> dict[str, str]:
         raw = await self.ctx.call(self.ctx.redis.hgetall, self.ctx.keys.model(model_id))

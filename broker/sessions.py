@@ -76,6 +76,30 @@ class Sessions:
         return [s for s, st in zip(ids, await self._ctx.call(statuses), strict=True)
                 if text(st) in ACTIVE_SESSION_STATES]  # fmt: skip
 
+    async def current_models(self, recent: int = 10) -> set[str]:
+        """The current global models: the model of each active session among the `recent`
+        newest, and the newest session's model (its final one once it is over). Any
+        authenticated client may download these."""
+        keys = self._ctx.keys
+        ids = [
+            text(i)
+            for i in await self._ctx.call(self._ctx.redis.zrevrange, keys.sessions, 0, recent - 1)
+        ]
+        if not ids:
+            return set()
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for sid in ids:
+                pipe.hmget(keys.session(sid), "status", "model_id")
+            return await pipe.execute()
+
+        models = set()
+        for i, (status, model_id) in enumerate(await self._ctx.call(read)):
+            if model_id and (i == 0 or text(status) in ACTIVE_SESSION_STATES):
+                models.add(text(model_id))
+        return models
+
     # --- the lease -----------------------------------------------------------------------
 
     async def lease(self, session_id: str, owner: str, op: str, ttl: float) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from broker.batching import Build
 from broker.context import Context, now_str, text, text_map
-from broker.errors import Conflict, InvalidInput
+from broker.errors import Conflict, Forbidden, InvalidInput
 from broker.keys import encode_id
 from broker.limits import DATA_BYTES, LABEL_BYTES, check, check_ids
 from broker.presence import Presence
@@ -162,7 +162,12 @@ class TaskQueues:
         for start in range(0, len(pairs), PUSH_PER_CALL):
             task_keys, args = [], list(head)
             for client, corr in pairs[start : start + PUSH_PER_CALL]:
-                task_keys += [keys.task(client, corr), keys.queue(client), keys.taskref(corr)]
+                task_keys += [
+                    keys.task(client, corr),
+                    keys.queue(client),
+                    keys.taskref(corr),
+                    keys.given_models(client),
+                ]
                 args += [encode_id(corr), encode_id(client), corr, client]
             builds.append(
                 lambda pipe, k=task_keys, a=args: self._ctx.scripts.call(pipe, "push", k, a)
@@ -178,11 +183,30 @@ class TaskQueues:
         status: str = "",
         done: bool = False,
         response: str = "",
+        strict: bool = False,
     ) -> PollReply:
-        """One PollAndReport, as one script call shared with concurrent RPCs' pipelines."""
+        """One PollAndReport, as one script call shared with concurrent RPCs' pipelines.
+
+        strict (an authenticated caller): a report naming another client's task raises
+        Forbidden and writes nothing. One naming a task nobody has (it expired) is
+        answered as before: the 1.0.0 client dies on PERMISSION_DENIED, and a task that
+        outlived its record is no one else's."""
         check_ids(client_id=client_id, name=name, correlation_id=correlation_id)
         check("report status", status, LABEL_BYTES)
         check("report response", response, DATA_BYTES)
+        reply = await self._poll(client_id, name, correlation_id, status, done, response, strict)
+        if reply is None:  # strict, and not a task of this client
+            owner = await self.owner(correlation_id)
+            if owner and owner != client_id:
+                raise Forbidden(
+                    f"task {correlation_id[:80]!r} is not a task of client {client_id[:80]!r}"
+                )
+            reply = await self._poll(client_id, name, correlation_id, status, done, response)
+        return reply
+
+    async def _poll(
+        self, client_id, name, correlation_id, status, done, response, strict=False
+    ) -> PollReply | None:
         self._presence.served(client_id)
         keys, s = self._ctx.keys, self._ctx.settings
         script_keys = [
@@ -203,6 +227,7 @@ class TaskQueues:
             response,
             keys.task_prefix(client_id),
             s.stream_maxlen,
+            "1" if strict else "0",
         ]
         reply = await self._ctx.batcher.submit(
             lambda pipe: self._ctx.scripts.call(pipe, "poll", script_keys, args)
@@ -213,6 +238,8 @@ class TaskQueues:
             return PollReply(task=_task_from(reply[1:], client_id))
         if kind == "echo":
             return PollReply(echo=text(reply[1]), status=text(reply[2]))
+        if kind == "unknown":
+            return None
         return PollReply()
 
     async def take_for_stream(
@@ -273,6 +300,14 @@ class TaskQueues:
             self._ctx.scripts.run, self._ctx.redis, "flag", script_keys, args
         )
         return text(out)
+
+    async def was_given(self, client_id: str, model_id: str) -> bool:
+        """Whether a task pushed to client_id (within the task TTL) named model_id."""
+        return bool(
+            await self._ctx.call(
+                self._ctx.redis.sismember, self._ctx.keys.given_models(client_id), model_id
+            )
+        )
 
     async def owner(self, correlation_id: str) -> str:
         return text(

@@ -99,7 +99,7 @@ class Authenticator:
         self._audience = audience
         self._cache: dict[str, Caller] = {}
         self._cache_size = cache_size
-        self._keys: dict[str, object] = {}  # key id -> public key
+        self._verifying_keys: dict[str, object] = {}  # key id -> public key
         self._unknown_keys: dict[str, float] = {}  # key id -> when Redis said it has none
         self._poll_every = poll_every
         self._stale_after = stale_after
@@ -122,11 +122,11 @@ class Authenticator:
             return
         new = revoked - self._revoked
         self._epoch, self._revoked = epoch, revoked
-        if self._keys:  # a signing key may have been retired (the counter moves for that too)
+        if self._verifying_keys:  # a key may have been retired (the counter moves for that too)
             known = await self._credentials.public_keys()
-            retired = {kid for kid in self._keys if kid not in known}
+            retired = {kid for kid in self._verifying_keys if kid not in known}
             for kid in retired:
-                del self._keys[kid]
+                del self._verifying_keys[kid]
         else:
             retired = set()
         if new or retired:
@@ -227,7 +227,7 @@ class Authenticator:
         return Caller(sub, role, tid, float(claims["exp"]), kid)
 
     async def _public_key(self, kid: str):
-        key = self._keys.get(kid)
+        key = self._verifying_keys.get(kid)
         if key is not None:
             return key
         refused = self._unknown_keys.get(kid)
@@ -245,7 +245,7 @@ class Authenticator:
             self._unknown_keys[kid] = time.monotonic()
             raise Unauthenticated("access token signed with an unknown key")
         key = load_public(pem)
-        self._keys[kid] = key
+        self._verifying_keys[kid] = key
         return key
 
 

@@ -270,6 +270,14 @@ def main() -> None:
     "client sends one at a time).",
 )
 @option(
+    "--max-streams-per-client",
+    default=4,
+    type=click.IntRange(1),
+    help="TaskStreams one client id may hold open on this replica; more: FAILED_PRECONDITION "
+    "(the 1.0.0 client retries it, so one reconnecting before its old stream is noticed "
+    "gone gets in).",
+)
+@option(
     "--model-cache-mb",
     default=256,
     type=click.IntRange(0),

@@ -27,11 +27,13 @@ import grpc
 from broker.errors import (
     BrokerUnavailable,
     Conflict,
+    Forbidden,
     InvalidInput,
     NotFound,
     NotReady,
     TooLarge,
 )
+from combiner.auth import AuthUnavailable, PermissionDenied, Unauthenticated, current_caller
 from combiner.metrics import RPC_SECONDS, RPCS
 
 log = logging.getLogger("combiner")
@@ -43,7 +45,13 @@ STATUS_OF = (
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BrokerUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    # The 1.0.0 client retries neither of the next two: refuse only what must be refused.
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (AuthUnavailable, grpc.StatusCode.FAILED_PRECONDITION),  # Redis trouble: try again
 )
+_QUIET = (NotReady, AuthUnavailable)  # FAILED_PRECONDITION that is no error of ours
 
 
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -57,7 +65,12 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 async def _abort(method: str, context, exc: Exception):
     code, message = status_for(exc)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and not isinstance(exc, NotReady):
+    if isinstance(exc, AuthUnavailable):
+        log.warning("%s: %s", method, exc)
+    elif isinstance(exc, Unauthenticated | PermissionDenied | Forbidden):
+        # the reason only (never the token: combiner/auth.py messages hold none)
+        log.info("%s refused: %s", method, exc)
+    elif code == grpc.StatusCode.FAILED_PRECONDITION and not isinstance(exc, _QUIET):
         log.error("%s failed: %s", method, exc, exc_info=not isinstance(exc, BrokerUnavailable))
     await context.abort(code, message)
 
@@ -101,10 +114,19 @@ def _record(method: str, context, started: float, failed: bool) -> None:
     RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
-def _guard_coroutine(method: str, fn):
+async def _authenticate(auth, context) -> None:
+    """Set current_caller for this call: the token's Caller, or None without auth. Set on
+    every call, so no handler can see an earlier call's caller."""
+    current_caller.set(None)
+    if auth is not None:
+        current_caller.set(await auth.authenticate(context.invocation_metadata()))
+
+
+def _guard_coroutine(method: str, fn, auth):
     async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
+            await _authenticate(auth, context)  # first: before the body is even looked at
             if request.__class__ is Malformed:
                 raise InvalidInput(request.error)
             reply = await fn(request, context)
@@ -120,10 +142,11 @@ def _guard_coroutine(method: str, fn):
     return guarded
 
 
-def _guard_async_generator(method: str, fn):
+def _guard_async_generator(method: str, fn, auth):
     async def guarded(request, context):
         started, failed = time.perf_counter(), True
         try:
+            await _authenticate(auth, context)
             if request.__class__ is Malformed:
                 raise InvalidInput(request.error)
             async for item in fn(request, context):
@@ -139,14 +162,15 @@ def _guard_async_generator(method: str, fn):
     return guarded
 
 
-def guard(method: str, fn):
-    """fn (a behaviour: `fn(request or request iterator, context)`) with status mapping,
-    error logging and metrics under `method`. The wrapper is of fn's own kind, coroutine or
-    async generator, because grpc.aio decides by that how to run a streaming handler."""
+def guard(method: str, fn, auth=None):
+    """fn (a behaviour: `fn(request or request iterator, context)`) with authentication
+    (auth: an Authenticator, None for --insecure), status mapping, error logging and
+    metrics under `method`. The wrapper is of fn's own kind, coroutine or async generator,
+    because grpc.aio decides by that how to run a streaming handler."""
     if inspect.isasyncgenfunction(fn):
-        return _guard_async_generator(method, fn)
+        return _guard_async_generator(method, fn, auth)
     if inspect.iscoroutinefunction(fn):
-        return _guard_coroutine(method, fn)
+        return _guard_coroutine(method, fn, auth)
     raise TypeError(f"{method}: only async handlers are served here, not {fn!r}")
 
 
@@ -159,7 +183,7 @@ _KINDS = {
 }
 
 
-def guard_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def guard_handler(method: str, handler: grpc.RpcMethodHandler, auth=None) -> grpc.RpcMethodHandler:
     """The same handler (kind, serializer or none) with its behaviour guarded and its
     deserializer made to answer a body that does not parse with INVALID_ARGUMENT."""
     field, make = _KINDS[(handler.request_streaming, handler.response_streaming)]
@@ -167,7 +191,7 @@ def guard_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethod
     if deserialize is not None:
         deserialize = _parse_or_mark(method, deserialize, handler.request_streaming)
     return make(
-        guard(method, getattr(handler, field)),
+        guard(method, getattr(handler, field), auth),
         request_deserializer=deserialize,
         response_serializer=handler.response_serializer,
     )
@@ -177,8 +201,9 @@ class _GuardedGenericHandler(grpc.GenericRpcHandler):
     """A generic handler's answers, guarded once per method. grpc asks the generic handlers
     only for methods that were not registered, so this is the fallback path."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, auth=None) -> None:
         self._inner = inner
+        self._auth = auth
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details):
@@ -188,24 +213,28 @@ class _GuardedGenericHandler(grpc.GenericRpcHandler):
             handler = self._inner.service(handler_call_details)
             if handler is None:  # not ours; not kept, as any path a client sends lands here
                 return None
-            guarded = self._guarded[path] = guard_handler(path.rsplit("/", 1)[-1], handler)
+            guarded = self._guarded[path] = guard_handler(
+                path.rsplit("/", 1)[-1], handler, self._auth
+            )
         return guarded
 
 
 class GuardedServer:
     """The grpc.aio server as the servicers' `add_to_server` functions see it: every
-    handler they add, registered or generic, reaches the real server guarded."""
+    handler they add, registered or generic, reaches the real server guarded, and
+    authenticated by auth (an Authenticator; None: --insecure, nothing is checked)."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, auth=None) -> None:
         self.server = server
+        self.auth = auth
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
-        guarded = {method: guard_handler(method, h) for method, h in handlers.items()}
+        guarded = {method: guard_handler(method, h, self.auth) for method, h in handlers.items()}
         self.server.add_registered_method_handlers(service, guarded)
 
     def add_generic_rpc_handlers(self, generic_handlers) -> None:
         self.server.add_generic_rpc_handlers(
-            tuple(_GuardedGenericHandler(h) for h in generic_handlers)
+            tuple(_GuardedGenericHandler(h, self.auth) for h in generic_handlers)
         )

@@ -3,6 +3,9 @@
 Uploads are bounded (docs/operations.md, "Upload limits"): an upload that sends no chunk for
 the idle timeout is abandoned, a replica and each client have a cap on uploads at once, and
 an upload holds at most one chunk of memory between chunks (the rest is in the store).
+With tokens on, "each client" is the token's client, the meta records it as the uploader
+(SendModelUpdate then accepts only that client's models), and Download serves a client only
+the models it was given (docs/protocol.md §15).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import grpc
 
 from broker import Broker, InvalidInput
 from broker.errors import BrokerError, NotReady, TooLarge
+from broker.records import Role
+from combiner.auth import PermissionDenied, bind, current_caller
 from combiner.model_cache import ModelCache
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
@@ -93,8 +98,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if len(expected) != 64 or not _HEX.issuperset(expected):
             # checked before the upload begins: a wrong one could only fail at the end
             raise InvalidInput("the checksum metadata must be 64 hex digits (SHA-256)")
-        upload = self.broker.models.upload(model_id, self.max_model_bytes)
-        client_id = meta.get("client-id", "") or meta.get("client", "")
+        caller = current_caller.get()
+        if caller is not None:  # the token's client uploads, whatever the metadata claims
+            bind(caller, metadata_client_id=meta.get("client-id", ""),
+                 metadata_client=meta.get("client", ""))  # fmt: skip
+            client_id = caller.client_id
+        else:
+            client_id = meta.get("client-id", "") or meta.get("client", "")
+        # strict: an id another client holds is refused at begin, before a chunk is read
+        upload = self.broker.models.upload(
+            model_id, self.max_model_bytes, uploader=client_id, strict=caller is not None
+        )
         with self.uploads.hold(client_id, upload):
             # context.read(), not request_iterator: grpc's iterator keeps the last message
             # in its frame while it waits for the next one.
@@ -148,10 +162,27 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             raise InvalidInput("model_id is empty")
         models = self.broker.models
         meta = await models.ready_meta(model_id)
+        caller = current_caller.get()
+        if caller is not None and caller.role != Role.ADMIN:
+            await self._may_download(caller.client_id, model_id, meta)
         async for frame in self.cache.stream(model_id, meta, lambda: models.chunks(model_id, meta)):
             yield frame
         # The client verifies this trailer; it must be right or absent (§3.2).
         context.set_trailing_metadata((("checksum", meta["sha256"]),))
+
+    async def _may_download(self, client_id: str, model_id: str, meta: dict) -> None:
+        """A client downloads only models it was given: the model of one of its tasks, one
+        it uploaded itself, or a current global model (broker.sessions.current_models).
+        Cheapest check first: a task's model is what the 1.0.0 client asks for."""
+        if meta.get("uploader") == client_id:
+            return
+        if await self.broker.tasks.was_given(client_id, model_id):
+            return
+        if model_id in await self.broker.sessions.current_models():
+            return
+        raise PermissionDenied(
+            f"model {model_id[:80]!r} was not given to client {client_id[:80]!r}"
+        )
 
 
 def add_to_server(servicer: ModelServicer, server: grpc.aio.Server) -> None:

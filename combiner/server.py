@@ -40,6 +40,7 @@ class ServeOptions:
     upload_idle_timeout: float = 120.0  # no chunk for this long: the upload is abandoned
     max_uploads: int = 256  # uploads in progress on this replica at once
     max_uploads_per_client: int = 2  # ... and per client id
+    max_streams_per_client: int = 4  # TaskStreams one client may hold open on this replica
     # Auth and TLS (docs/security.md)
     insecure: bool = False  # no tokens: any caller may claim any client id
     http_port: int | None = None  # the HTTP side (token exchange, assignment); None: off
@@ -80,8 +81,14 @@ class Replica:
         self.broker = broker
         self.opts = opts
         self.server = grpc.aio.server(options=grpc_options(opts))
+        # None with --insecure: then nothing checks who calls (combiner/auth.py)
+        self.auth = None if opts.insecure else Authenticator(broker.credentials, opts.audience)
         self.combiner = servicer.CombinerServicer(
-            broker, opts.stream_keepalive, opts.stream_write_timeout
+            broker,
+            opts.stream_keepalive,
+            opts.stream_write_timeout,
+            auth=self.auth,
+            max_streams_per_client=opts.max_streams_per_client,
         )
         self.models = model_service.ModelServicer(
             broker,
@@ -91,8 +98,9 @@ class Replica:
             max_uploads=opts.max_uploads,
             max_uploads_per_client=opts.max_uploads_per_client,
         )
-        # status mapping, error logging and metrics for every scaleout RPC (combiner/errors.py)
-        guarded = GuardedServer(self.server)
+        # the token check (unless --insecure), status mapping, error logging and metrics for
+        # every scaleout RPC (combiner/errors.py); health and reflection stay open
+        guarded = GuardedServer(self.server, self.auth)
         servicer.add_to_server(self.combiner, guarded)
         model_service.add_to_server(self.models, guarded)
         self.health = health.aio.HealthServicer()
@@ -102,8 +110,6 @@ class Replica:
              reflection.SERVICE_NAME, health.SERVICE_NAME),
             self.server,
         )  # fmt: skip
-        # None with --insecure: then nothing checks who calls (combiner/auth.py)
-        self.auth = None if opts.insecure else Authenticator(broker.credentials, opts.audience)
         self.port = 0
         self._upkeep: asyncio.Task | None = None
         self.started = time.time()

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import grpc
 
 from broker import Broker, InvalidInput
+from broker.errors import NotReady
 from broker.limits import TEXT_BYTES, check, check_ids
 from broker.records import Task
 from combiner import __version__
+from combiner.auth import Caller, bind, current_caller
 from combiner.metrics import OPEN_STREAMS, STALLED_STREAMS
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
@@ -24,8 +27,21 @@ log = logging.getLogger("combiner")
 
 
 def identity(context, body_id: str) -> tuple[str, str]:
-    """The client id (body first, then the client-id/client metadata) and its name (§5)."""
+    """The client id (body first, then the client-id/client metadata) and its name (§5).
+    With a caller (tokens on), every client id the call names, body and metadata, must be
+    the token's (else PermissionDenied), and the token's is the id, named or not."""
     meta = {k: v for k, v in (context.invocation_metadata() or ())}
+    caller = current_caller.get()
+    if caller is not None:
+        bind(
+            caller,
+            body=body_id,
+            metadata_client_id=meta.get("client-id", ""),
+            metadata_client=meta.get("client", ""),
+        )
+        name = meta.get("name", "")
+        check_ids(client_id=caller.client_id, name=name)
+        return caller.client_id, name
     client_id = body_id or meta.get("client-id", "") or meta.get("client", "")
     if not client_id:
         raise InvalidInput("client id is empty: set it in the message or the client-id metadata")
@@ -79,15 +95,79 @@ class StalledStream(Exception):
         self.write = write
 
 
+def strict() -> bool:
+    """Whether this call has a caller (tokens on): then a client acts only on its own tasks
+    and models, and what it may not touch is refused with nothing written."""
+    return current_caller.get() is not None
+
+
+class StreamEnded(Exception):
+    """Why an open TaskStream must end now: its status and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class OpenStream:
+    """One TaskStream as the revocation listener sees it: its wake-up event and caller."""
+
+    __slots__ = ("caller", "event", "revoked")
+
+    def __init__(self, caller: Caller, event: asyncio.Event) -> None:
+        self.caller = caller
+        self.event = event
+        self.revoked = False
+
+
 class CombinerServicer(pb_grpc.CombinerClientServicer):
     def __init__(
-        self, broker: Broker, stream_keepalive: float = 15.0, stream_write_timeout: float = 30.0
+        self,
+        broker: Broker,
+        stream_keepalive: float = 15.0,
+        stream_write_timeout: float = 30.0,
+        auth=None,
+        max_streams_per_client: int = 4,
     ) -> None:
         self.broker = broker
         self.stream_keepalive = stream_keepalive
         self.stream_write_timeout = stream_write_timeout
         self.open_streams: dict[str, int] = {}  # client id -> local streams (for leases)
+        self.max_streams_per_client = max_streams_per_client
+        self._stream_slots: dict[str, int] = {}  # client id -> streams begun here (the cap)
+        self._by_token: dict[str, set[OpenStream]] = {}  # token id -> its open streams
         self._closing = asyncio.Event()
+        self._auth = auth
+        if auth is not None:
+            auth.on_revoke(self._revoked)
+
+    def _revoked(self, token_ids: set[str]) -> None:
+        """A revocation reached this replica: end the TaskStreams opened with those tokens
+        (each wakes, sees `revoked` and ends with UNAUTHENTICATED)."""
+        for token_id in token_ids:
+            for stream in self._by_token.get(token_id, ()):
+                stream.revoked = True
+                stream.event.set()
+
+    def _take_stream_slot(self, client_id: str) -> None:
+        """Count a new TaskStream of client_id, or refuse it past the cap with
+        FAILED_PRECONDITION: the 1.0.0 client retries that after a pause (RESOURCE_EXHAUSTED
+        would end its stream thread), so a client reconnecting before its old stream is
+        noticed gone gets in once that one is, while a flood gets nothing more."""
+        held = self._stream_slots.get(client_id, 0)
+        if held >= self.max_streams_per_client:
+            raise NotReady(
+                f"client {client_id[:80]!r} has {held} task streams open on this replica, "
+                "the most it may; try again later"
+            )
+        self._stream_slots[client_id] = held + 1
+
+    def _give_stream_slot(self, client_id: str) -> None:
+        left = self._stream_slots.get(client_id, 1) - 1
+        if left:
+            self._stream_slots[client_id] = left
+        else:
+            self._stream_slots.pop(client_id, None)
 
     def close_streams(self) -> None:
         """End every open TaskStream (drain). Each ends with FAILED_PRECONDITION, which
@@ -118,6 +198,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             },
             name,
             require_model=request.model_update_id,
+            strict=strict(),
         )
         if not kept:
             log.info(
@@ -142,6 +223,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
                 "timestamp": timestamp(request.timestamp),
             },
             name,
+            strict=strict(),
         )
         return pb.Response(response=f"{kind[:-1].capitalize()} received.")
 
@@ -238,6 +320,7 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             status=request.status,
             done=request.done,
             response=request.response,
+            strict=strict(),
         )
         if reply.task is not None:
             log.debug("task %s (%s) -> %s", reply.task.correlation_id, reply.task.type, client_id)
@@ -263,6 +346,33 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
 
     async def TaskStream(self, request: pb.ClientAvailableMessage, context) -> None:
         client_id, name = identity(context, request.client_id)
+        self._take_stream_slot(client_id)  # before anything is written
+        try:
+            await self._task_stream(client_id, name, current_caller.get(), context)
+        except StreamEnded as ended:
+            log.info("client %s: task stream ended: %s", client_id, ended)
+            await context.abort(ended.code, str(ended))
+        finally:
+            self._give_stream_slot(client_id)
+
+    def _check_caller(self, stream: OpenStream | None) -> None:
+        """End the stream once its token is revoked (UNAUTHENTICATED: the client must stop)
+        or expired. An expired one ends with FAILED_PRECONDITION, which the 1.0.0 client
+        retries by opening the stream again, with the access token it refreshed meanwhile
+        (it refreshes 30 s before expiry, for each new call; docs/protocol.md §15)."""
+        if stream is None:
+            return
+        if stream.revoked or (
+            self._auth is not None and self._auth.is_revoked(stream.caller.token_id)
+        ):
+            raise StreamEnded(grpc.StatusCode.UNAUTHENTICATED, "token revoked")
+        if stream.caller.expires_at <= time.time():
+            raise StreamEnded(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "access token expired: open the stream again with a fresh one",
+            )
+
+    async def _task_stream(self, client_id: str, name: str, caller: Caller | None, context):
         broker = self.broker
         # Tasks an earlier stream of this client took but never got an answer for (e.g.
         # its replica was killed before the client read them, or it was ended as stalled)
@@ -273,27 +383,38 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
         if recovered:
             log.info("client %s: %d unanswered streamed task(s) queued again", client_id, recovered)
         event = broker.wakeups.register(client_id)  # set at once: read the queue first
+        stream = None
+        if caller is not None:  # revocation ends it (self._revoked sets its event)
+            stream = OpenStream(caller, event)
+            self._by_token.setdefault(caller.token_id, set()).add(stream)
         self.open_streams[client_id] = self.open_streams.get(client_id, 0) + 1
         OPEN_STREAMS.inc()
         sent: set[str] = set()
         try:
+            # a revocation may have arrived while the recovery ran
+            self._check_caller(stream)
             # inside the try: if Redis fails here, the stream is not left counted as open
             await broker.presence.connect(client_id, name)
             await broker.presence.renew_streams([client_id], lease=3 * self.stream_keepalive)
             log.info("client %s opened a task stream", client_id)
             while True:
+                wait = self.stream_keepalive
+                if caller is not None:  # wake when the token expires, too
+                    wait = max(0.0, min(wait, caller.expires_at - time.time()))
                 # One timer per wait, not a task and a wait() set: thousands of streams
                 # wake at once when a round starts.
                 try:
-                    async with asyncio.timeout(self.stream_keepalive):
+                    async with asyncio.timeout(wait):
                         await event.wait()
                 except TimeoutError:
+                    self._check_caller(stream)
                     # Application-level keepalive: an empty TaskRequest, which the client
                     # ignores (no type), keeps proxies from cutting an idle stream.
                     await self._write(context, pb.TaskRequest())
                     continue
                 if self._closing.is_set():  # close_streams() woke every stream
                     break
+                self._check_caller(stream)
                 event.clear()
                 # One bounded take at a time, written before the next: the replica holds
                 # at most one take's worth of task data per stream (STREAM_TAKE_BYTES).
@@ -331,6 +452,12 @@ class CombinerServicer(pb_grpc.CombinerClientServicer):
             log.info("client %s task stream closed", client_id)
             OPEN_STREAMS.dec()
             broker.wakeups.unregister(client_id, event)
+            if stream is not None:
+                streams = self._by_token.get(caller.token_id)
+                if streams is not None:
+                    streams.discard(stream)
+                    if not streams:
+                        del self._by_token[caller.token_id]
             left = self.open_streams.get(client_id, 1) - 1
             if left:
                 self.open_streams[client_id] = left

@@ -1,11 +1,19 @@
 -- PollAndReport, atomically (docs/protocol.md §4.2). One call per poll.
 -- KEYS: 1 client hash, 2 client queue, 3 clients zset (last seen), 4 reports stream
 -- ARGV: 1 now, 2 client id, 3 name, 4 replica, 5 correlation id, 6 encoded correlation id,
---       7 status, 8 done ('1'/'0'), 9 response, 10 task key prefix, 11 reports maxlen
--- Returns {'task', <TaskRequest fields...>} | {'echo', corr, status} | {'empty'}
+--       7 status, 8 done ('1'/'0'), 9 response, 10 task key prefix, 11 reports maxlen,
+--       12 strict ('1': a report naming a task the client does not have writes nothing)
+-- Returns {'task', <TaskRequest fields...>} | {'echo', corr, status} | {'empty'} |
+--         {'unknown'} (strict only: the caller then asks whose task it is)
 local now, cid, name, replica = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local corr, ecorr, status, done, response = ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1', ARGV[9]
 local tprefix, maxlen = ARGV[10], ARGV[11]
+
+-- Authenticated callers: a report must name one of the caller's own tasks (they live in its
+-- slot), checked before anything, presence included, is written.
+if ARGV[12] == '1' and corr ~= '' and redis.call('EXISTS', tprefix .. ecorr) == 0 then
+  return {'unknown'}
+end
 
 -- presence: every poll is a liveness signal
 redis.call('HSET', KEYS[1], 'id', cid, 'last_seen', now, 'status', 'online', 'replica', replica)
