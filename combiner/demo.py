@@ -85,7 +85,16 @@ async def run_demo(
         servers = []
         for i in range(replicas):
             child = Child(
-                ["serve", "--port", "0", "--replica-id", f"replica-{i + 1}", *common],
+                # --insecure for now: the simulated clients send no tokens yet (issue 12)
+                [
+                    "serve",
+                    "--port",
+                    "0",
+                    "--replica-id",
+                    f"replica-{i + 1}",
+                    "--insecure",
+                    *common,
+                ],
                 str(logs / f"replica-{i + 1}.log"),
             )
             await asyncio.to_thread(child.start, True)

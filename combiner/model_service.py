@@ -160,9 +160,13 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         model_id = request.model_id
         if not model_id:
             raise InvalidInput("model_id is empty")
+        caller = current_caller.get()
+        if caller is not None:  # the metadata may name only the token's client
+            meta = {k: v for k, v in (context.invocation_metadata() or ())}
+            bind(caller, metadata_client_id=meta.get("client-id", ""),
+                 metadata_client=meta.get("client", ""))  # fmt: skip
         models = self.broker.models
         meta = await models.ready_meta(model_id)
-        caller = current_caller.get()
         if caller is not None and caller.role != Role.ADMIN:
             await self._may_download(caller.client_id, model_id, meta)
         async for frame in self.cache.stream(model_id, meta, lambda: models.chunks(model_id, meta)):

@@ -23,6 +23,7 @@ from combiner.pb import scaleout_pb2 as pb
 log = logging.getLogger("combiner")
 
 SERVICES = ("scaleout.CombinerClient", "scaleout.ModelService")
+METADATA_BYTES = 128 << 10
 
 
 @dataclass
@@ -64,6 +65,11 @@ def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        # Metadata up to 128 KiB reaches the token check, so an oversized authorization
+        # header is answered UNAUTHENTICATED like any bad token (grpc's own 16 KiB limit
+        # would answer RESOURCE_EXHAUSTED); the check refuses tokens over 4 KiB unparsed.
+        ("grpc.max_metadata_size", METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", METADATA_BYTES),
         # A second server on a taken port would silently share its traffic.
         ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
         # Calls not yet accepted by the event loop are shed beyond these (1000 / 3000 by

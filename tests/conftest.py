@@ -11,6 +11,7 @@ from broker import connect
 from broker.context import Settings
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from combiner.server import Replica, ServeOptions
+from tests import tokens
 from tests.services import redis_for_tests
 
 
@@ -56,6 +57,38 @@ async def make_replica(redis_url, prefix):
 @pytest.fixture
 async def replica(make_replica):
     return await make_replica()
+
+
+# --- tokens on (insecure=False): the auth tests -------------------------------------------
+
+
+@pytest.fixture
+async def signing_key(broker):
+    """A signing key whose public half is published to this test's Redis (tests/tokens.py)."""
+    return await tokens.publish(broker)
+
+
+@pytest.fixture
+def issue(broker, signing_key):
+    """issue(client_id, role="client", lifetime=600) -> tokens.Issued: a refresh token in
+    this test's Redis and an access token minted from it."""
+
+    async def make(client_id: str, role: str = "client", lifetime: int = 600):
+        return await tokens.issue(broker, signing_key, client_id, role, lifetime)
+
+    return make
+
+
+@pytest.fixture
+async def secure_replica(make_replica, signing_key):
+    """A replica that requires tokens (the key is published before it starts)."""
+    return await make_replica(insecure=False)
+
+
+@pytest.fixture
+async def secure_stubs(secure_replica):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{secure_replica.port}") as channel:
+        yield Stubs(channel)
 
 
 class Stubs:

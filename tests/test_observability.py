@@ -35,7 +35,7 @@ def serve_with_metrics(tmp_path, redis_url, prefix):
     mport = free_port()
     child = Child(
         ["serve", "--port", "0", "--redis-url", redis_url, "--prefix", prefix,
-         "--metrics-port", str(mport)],
+         "--metrics-port", str(mport), "--insecure"],
         str(tmp_path / "serve.log"),
     ).start(wait_listening=True)  # fmt: skip
     yield child, mport
