@@ -84,19 +84,9 @@ async def run_demo(
         console.print(f"[bold]redis[/] {redis_url} (key prefix {prefix})")
         servers = []
         for i in range(replicas):
-            child = Child(
-                # --insecure for now: the simulated clients send no tokens yet (issue 12)
-                [
-                    "serve",
-                    "--port",
-                    "0",
-                    "--replica-id",
-                    f"replica-{i + 1}",
-                    "--insecure",
-                    *common,
-                ],
-                str(logs / f"replica-{i + 1}.log"),
-            )
+            args = ["serve", "--port", "0", "--replica-id", f"replica-{i + 1}", *common]
+            args.append("--insecure")  # for now: the simulated clients send no tokens yet
+            child = Child(args, str(logs / f"replica-{i + 1}.log"))
             await asyncio.to_thread(child.start, True)
             servers.append(child)
             children.append(child)
