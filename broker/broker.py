@@ -16,8 +16,8 @@ import socket
 import uuid
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from broker.batching import Batcher
 from broker.connection import with_hiredis_packing
