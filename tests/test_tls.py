@@ -161,3 +161,60 @@ def test_serve_with_a_missing_certificate_exits_with_a_clear_error(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "Error:" in done.stderr and str(missing) in done.stderr
+
+
+# --- Redis over TLS (rediss://) ------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    from broker.redis_process import RedisStartError, RedisTLS
+    from tests.services import RedisServer
+
+    files = TestCA().write_server(tmp_path / "redis-tls", sans=("localhost", "127.0.0.1"))
+    server = RedisServer(tls=RedisTLS(str(files.cert), str(files.key), str(files.ca)))
+    try:
+        server.start()
+    except RedisStartError as exc:
+        # A redis-server built without TLS does not know the directive (Debian's 7.0 does).
+        if "Bad directive" in str(exc) and "tls" in str(exc):
+            pytest.skip("this redis-server is built without TLS")
+        raise
+    yield server
+    server.close()
+
+
+def test_tls_redis_refuses_plaintext(tls_redis):
+    import redis
+
+    assert tls_redis.url.startswith("rediss://") and "ssl_ca_certs=" in tls_redis.url
+    assert redis.Redis.from_url(tls_redis.url).ping()
+    plain = redis.Redis(host="127.0.0.1", port=tls_redis.port, socket_timeout=2)
+    with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+        plain.ping()
+
+
+async def test_replica_push_and_poll_over_rediss(tls_redis, prefix):
+    from broker import connect
+    from broker.broker import make_client
+    from broker.connection import HiredisPacking
+    from broker.context import Settings
+    from tests.conftest import replica_at
+
+    client = make_client(tls_redis.url)
+    connection_class = client.connection_pool.connection_class
+    assert issubclass(connection_class, HiredisPacking)
+    assert "SSL" in connection_class.__name__
+    assert await client.ping()
+    await client.aclose()
+
+    async with (
+        replica_at(tls_redis.url, prefix) as (_replica, stubs),
+        connect(tls_redis.url, settings=Settings(prefix=prefix)) as operator,
+    ):
+        corr = await operator.tasks.push("c1", "Custom_echo", data="{}")
+        task = await stubs.combiner.PollAndReport(
+            pb.ActivityReport(node_id="c1", status=""), metadata=meta("c1"), timeout=10
+        )
+        assert task.correlation_id == corr
+        assert (await operator.tasks.show(corr))["state"] == "delivered"
