@@ -128,7 +128,6 @@ class Replica:
                 self.tls.pair.serial,
                 self.tls.pair.not_after,
             )
-            self._tls_watch = asyncio.create_task(self.tls.watch(), name="tls-watch")
         else:
             log.info("TLS off: gRPC in plaintext (terminate TLS in front, e.g. HAProxy)")
         if self.auth is not None:
@@ -143,6 +142,8 @@ class Replica:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._upkeep = asyncio.create_task(self._keep_up(), name="upkeep")
+        if self.tls is not None:  # the HTTP side's SSLContexts follow renewals from here
+            self._tls_watch = asyncio.create_task(self.tls.watch(), name="tls-watch")
         log.info(
             "replica %s serving on %s:%d (model store: %s)",
             self.broker.replica_id,

@@ -111,6 +111,18 @@ async def test_the_http_side_context_offers_http11_and_follows_renewals(ca, tmp_
     try:
         got = await asyncio.to_thread(peer_serial, "127.0.0.1", port, files.ca, ("http/1.1",))
         assert got == files.serial
+
+        def negotiated() -> str | None:
+            import socket
+            import ssl
+
+            client = ssl.create_default_context(cafile=str(files.ca))
+            client.set_alpn_protocols(["h2", "http/1.1"])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with client.wrap_socket(raw, server_hostname="localhost") as conn:
+                    return conn.selected_alpn_protocol()
+
+        assert await asyncio.to_thread(negotiated) == "http/1.1"
         renewed = ca.write_server(tmp_path)
 
         async def serves_renewed():
