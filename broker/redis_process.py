@@ -4,6 +4,10 @@ Redis through this one class.
 
 It is ready when PING succeeds *and* INFO reports our own process id, so a port already taken
 by another server is an error (with the tail of the log), never a silent reuse or a hang.
+
+With ``tls`` it listens on TLS only (``--port 0 --tls-port N``, no client certificates), and
+``url`` is a ``rediss://`` URL trusting the given CA; with ``username``/``password`` (an ACL
+user, e.g. from an ``aclfile`` option) the readiness check and ``url`` log in as that user.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
 
 import redis
 
@@ -41,6 +47,15 @@ def answers(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """Server certificate and key for --tls-port, and the CA clients should trust."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
 class RedisStartError(RuntimeError):
     """redis-server exited or did not answer before the deadline."""
 
@@ -60,6 +75,9 @@ class RedisProcess:
         options: Mapping[str, str] | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        tls: RedisTLS | None = None,
+        username: str = "",
+        password: str = "",
     ) -> None:
         """options: more config, e.g. {"cluster-enabled": "yes"}, passed as --name value."""
         self._owns_dir = data_dir is None
@@ -70,11 +88,23 @@ class RedisProcess:
         self.options = dict(options or {})
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.tls = tls
+        self.username, self.password = username, password
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(self.username, self.password)
+
+    def url_for(self, username: str = "", password: str = "") -> str:
+        """The URL of this server for an ACL user (rediss:// with the CA when on TLS)."""
+        login = ""
+        if username or password:
+            login = f"{quote(username, safe='')}:{quote(password, safe='')}@"
+        if self.tls is None:
+            return f"redis://{login}127.0.0.1:{self.port}/0"
+        ca = quote(str(pathlib.Path(self.tls.ca_file).resolve()), safe="/")
+        return f"rediss://{login}127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
 
     @property
     def log_path(self) -> pathlib.Path:
@@ -93,6 +123,13 @@ class RedisProcess:
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync, "--logfile", str(self.log_path),
         ]  # fmt: skip
+        if self.tls is not None:
+            args[args.index("--port") + 1] = "0"  # no plaintext port
+            args += [
+                "--tls-port", str(self.port), "--tls-cert-file", self.tls.cert_file,
+                "--tls-key-file", self.tls.key_file, "--tls-ca-cert-file", self.tls.ca_file,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         for name, value in self.options.items():
             args += [f"--{name}", value]
         return args

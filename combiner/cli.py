@@ -375,9 +375,14 @@ def main() -> None:
 @run_async
 async def serve(cfg: Config) -> None:
     """Run one front-end replica (gRPC: CombinerClient, ModelService, health, reflection)."""
+    from combiner import tls
     from combiner.server import serve as run_replica
 
     opts = cfg.serve
+    try:  # bad TLS files: a clear error before anything starts
+        tls.from_options(opts.tls_cert, opts.tls_key)
+    except tls.TLSConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     async with open_broker(cfg) as broker:
         start_metrics(cfg.metrics_port, broker)
         await run_replica(

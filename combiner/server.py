@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker import Broker, BrokerError
-from combiner import model_service, servicer
+from combiner import model_service, servicer, tls
 from combiner.auth import Authenticator
 from combiner.errors import GuardedServer
 from combiner.pb import scaleout_pb2 as pb
@@ -117,13 +117,31 @@ class Replica:
             self.server,
         )  # fmt: skip
         self.port = 0
+        # --tls-cert/--tls-key, followed on disk (combiner/tls.py); the HTTP side takes its
+        # SSLContext from here: self.tls.ssl_context()
+        self.tls: tls.CertificateFiles | None = None
+        self._tls_watch: asyncio.Task | None = None
         self._upkeep: asyncio.Task | None = None
         self.started = time.time()
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
+        address = f"{self.opts.host}:{self.opts.port}"
+        self.tls = tls.from_options(self.opts.tls_cert, self.opts.tls_key)  # TLSConfigError
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(address, self.tls.grpc_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.opts.host}:{self.opts.port}")
+            raise RuntimeError(f"cannot listen on {address}")
+        if self.tls is not None:
+            log.info(
+                "TLS on: certificate %s (serial %x, valid until %s), renewals picked up",
+                self.opts.tls_cert,
+                self.tls.pair.serial,
+                self.tls.pair.not_after,
+            )
+        else:
+            log.info("TLS off: gRPC in plaintext (terminate TLS in front, e.g. HAProxy)")
         if self.auth is not None:
             await self.auth.start()
         else:
@@ -136,6 +154,8 @@ class Replica:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._upkeep = asyncio.create_task(self._keep_up(), name="upkeep")
+        if self.tls is not None:  # the HTTP side's SSLContexts follow renewals from here
+            self._tls_watch = asyncio.create_task(self.tls.watch(), name="tls-watch")
         log.info(
             "replica %s serving on %s:%d (model store: %s)",
             self.broker.replica_id,
@@ -175,10 +195,11 @@ class Replica:
         if grace and self.opts.drain_delay:
             await asyncio.sleep(self.opts.drain_delay)
         self.combiner.close_streams()
-        if self._upkeep is not None:
-            self._upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._upkeep
+        for task in (self._upkeep, self._tls_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.server.stop(grace)
         if self.auth is not None:
             await self.auth.stop()

@@ -19,7 +19,48 @@ from tests.services import RedisServer, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
-MAX_REPLICAS = 3  # server lines in deploy/haproxy.cfg
+HAPROXY_TLS_CFG = ROOT / "deploy" / "haproxy-tls.cfg"
+MAX_REPLICAS = 3  # server lines in deploy/haproxy.cfg and deploy/haproxy-tls.cfg
+
+
+def start_haproxy(cfg: pathlib.Path, env: dict[str, str], log_path) -> subprocess.Popen:
+    """HAProxy in the foreground on cfg with env (HAPROXY_BIND, REPLICA1, ...); stop it with
+    stop_haproxy(). Raises RuntimeError if it is not installed."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [binary, "-db", "-f", str(cfg)],
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+
+
+def stop_haproxy(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tls_haproxy_env(bind: str, cert, grpc: list[str], http: list[str]) -> dict[str, str]:
+    """The environment of deploy/haproxy-tls.cfg: bind address, combined PEM (cert + key,
+    tests.certs ServerFiles.combined), and up to MAX_REPLICAS gRPC and HTTP addresses
+    (unused server lines repeat the last address)."""
+    grpc = [*grpc, *[grpc[-1]] * (MAX_REPLICAS - len(grpc))]
+    http = [*http, *[http[-1]] * (MAX_REPLICAS - len(http))]
+    env = {"HAPROXY_BIND": bind, "HAPROXY_CERT": str(cert)}
+    for i in range(MAX_REPLICAS):
+        env[f"REPLICA{i + 1}"] = grpc[i]
+        env[f"REPLICA{i + 1}_HTTP"] = http[i]
+    return env
 
 
 def health_status(target: str, timeout: float = 1.0) -> int | None:
@@ -97,26 +138,14 @@ class Cluster:
         return child
 
     def _start_haproxy(self) -> None:
-        binary = shutil.which("haproxy")
-        if binary is None:
-            raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
         self.port = free_port()
         ports = [r.port for r in self.replicas]
         ports += [ports[-1]] * (MAX_REPLICAS - len(ports))  # unused lines: repeat the last
         env = {
-            **os.environ,
             "HAPROXY_BIND": f"127.0.0.1:{self.port}",
             **{f"REPLICA{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)},
         }
-        log = open(self.tmp / "haproxy.log", "wb")
-        self.haproxy = subprocess.Popen(
-            [binary, "-db", "-f", str(HAPROXY_CFG)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+        self.haproxy = start_haproxy(HAPROXY_CFG, env, self.tmp / "haproxy.log")
 
         def up():
             if self.haproxy.poll() is not None:
@@ -162,12 +191,7 @@ class Cluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.send_signal(signal.SIGTERM)
-            try:
-                self.haproxy.wait(5)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
+        stop_haproxy(self.haproxy)
         for child in [*self.workers, *self.replicas]:
             child.stop(timeout=5)
         self.redis.close()

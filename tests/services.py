@@ -47,8 +47,9 @@ class RedisServer(RedisProcess):
     """A private redis-server on a free loopback port, with its own temporary data folder
     (removed by close()); start() again after kill() or stop() reuses port and data."""
 
-    def __init__(self, *, appendonly: bool = False, fsync: str = "always") -> None:
-        super().__init__(appendonly=appendonly, appendfsync=fsync)
+    def __init__(self, *, appendonly: bool = False, fsync: str = "always", **kw) -> None:
+        """kw: RedisProcess's options, tls, username, password (TLS and ACL tests)."""
+        super().__init__(appendonly=appendonly, appendfsync=fsync, **kw)
 
 
 def docker_answers() -> bool:

@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from combiner.cli import main
-from tests.cluster import HAPROXY_CFG, ROOT
+from tests.cluster import HAPROXY_CFG, HAPROXY_TLS_CFG, ROOT
 
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_TLS = ROOT / "compose.tls.yaml"
 
 
 def parse(args: list[str]) -> click.Context:
@@ -98,6 +99,161 @@ def health_check_bytes() -> str:
     return (preface + frame(4, 0, 0, b"") + frame(1, 4, 1, headers) + frame(0, 1, 1, body)).hex()
 
 
-def test_haproxy_health_check_bytes_are_a_grpc_health_call():
-    line = next(ln for ln in HAPROXY_CFG.read_text().splitlines() if "tcp-check send-binary" in ln)
+@pytest.mark.parametrize("cfg", [HAPROXY_CFG, HAPROXY_TLS_CFG], ids=lambda p: p.name)
+def test_haproxy_health_check_bytes_are_a_grpc_health_call(cfg):
+    line = next(ln for ln in cfg.read_text().splitlines() if "tcp-check send-binary" in ln)
     assert line.split()[-1] == health_check_bytes()
+    checks = [ln.strip() for ln in cfg.read_text().splitlines() if "tcp-check" in ln]
+    base = [ln.strip() for ln in HAPROXY_CFG.read_text().splitlines() if "tcp-check" in ln]
+    assert checks == base  # the TLS config checks the replicas exactly as the other one
+
+
+# --- TLS termination (deploy/haproxy-tls.cfg, compose.tls.yaml) ----------------------------
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+def test_haproxy_accepts_the_tls_config(tmp_path):
+    from tests.certs import write_certs
+    from tests.cluster import tls_haproxy_env
+
+    files = write_certs(tmp_path)
+    env = tls_haproxy_env(
+        "127.0.0.1:12443", files.combined, ["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:3"]
+    )
+    done = subprocess.run(
+        ["haproxy", "-c", "-f", str(HAPROXY_TLS_CFG)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = HAPROXY_TLS_CFG.read_text()
+    assert "alpn h2,http/1.1" in text and 'ssl crt "${HAPROXY_CERT}"' in text
+
+
+def compose_tls_services() -> dict:
+    return yaml.safe_load(COMPOSE_TLS.read_text())["services"]
+
+
+def test_compose_tls_variant_runs_valid_commands_behind_tls_haproxy():
+    services = compose_tls_services()
+    combiner = {n: s for n, s in services.items() if s.get("image") == "redis-combiner:latest"}
+    kinds = sorted(s["command"][0] for s in combiner.values())
+    assert kinds == ["serve", "serve", "serve", "status", "worker", "worker"]
+    envs = {s["command"][0]: s["env_file"] for s in combiner.values()}
+    assert envs == {
+        "serve": ["secrets/replica.env"],
+        "worker": ["secrets/worker.env"],
+        "status": ["secrets/operator.env"],
+    }
+    for service in combiner.values():
+        ctx = parse(service["command"])
+        if ctx.command.name == "serve":
+            # the HTTP side on, and assignment pointing clients at HAProxy's TLS port 443
+            assert ctx.params["http_port"] and ctx.params["public_port"] == 443
+            assert ctx.params["public_host"]
+            assert not ctx.params["insecure"]
+    haproxy = services["haproxy"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in haproxy["volumes"]}
+    assert (ROOT / mounts["/usr/local/etc/haproxy/haproxy.cfg"]).resolve() == HAPROXY_TLS_CFG
+    env = haproxy["environment"]
+    assert env["HAPROXY_BIND"] == ":443"
+    assert mounts["/certs"] == "./certs" and env["HAPROXY_CERT"].startswith("/certs/")
+    assert {f"REPLICA{i}" for i in (1, 2, 3)} | {f"REPLICA{i}_HTTP" for i in (1, 2, 3)} <= set(env)
+    assert "443:443" in haproxy["ports"]
+    redis = services["redis"]
+    assert "--aclfile" in redis["command"]
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+async def test_grpc_and_http_through_haproxy_tls(make_replica, tmp_path):
+    """A real HAProxy terminating TLS (the test CA) in front of a TLS-less replica and an HTTP
+    backend: gRPC reaches the replica, /api/* reaches the HTTP side."""
+    import asyncio
+    import ssl
+
+    import aiohttp
+    import grpc
+    from aiohttp import web
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from broker.embedded import free_port
+    from combiner.pb import scaleout_pb2 as pb
+    from combiner.pb import scaleout_pb2_grpc as pb_grpc
+    from tests.certs import peer_serial, write_certs
+    from tests.cluster import start_haproxy, stop_haproxy, tls_haproxy_env
+    from tests.conftest import meta
+    from tests.services import eventually
+
+    replica = await make_replica()
+
+    async def api(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "path": request.path,
+                "proto": request.headers.get("X-Forwarded-Proto", ""),
+                "for": request.headers.get("X-Forwarded-For", ""),
+            }
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/api/{tail:.*}", api)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http_port = site._server.sockets[0].getsockname()[1]
+
+    files = write_certs(tmp_path)
+    port = free_port()
+    env = tls_haproxy_env(
+        f"127.0.0.1:{port}",
+        files.combined,
+        [f"127.0.0.1:{replica.port}"],
+        [f"127.0.0.1:{http_port}"],
+    )
+    haproxy = start_haproxy(HAPROXY_TLS_CFG, env, tmp_path / "haproxy.log")
+    credentials = grpc.ssl_channel_credentials(files.ca.read_bytes())
+    try:
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def serving():
+                assert haproxy.poll() is None, (tmp_path / "haproxy.log").read_text()
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                except grpc.aio.AioRpcError:
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            await eventually(serving, 15, "a gRPC health check through HAProxy TLS", every=0.1)
+            reply = await pb_grpc.CombinerClientStub(channel).SendHeartbeat(
+                pb.Heartbeat(client_id="c1"), metadata=meta("c1"), timeout=5
+            )
+            assert isinstance(reply, pb.Response)
+        presence = await replica.broker.presence.client("c1")
+        assert presence  # the heartbeat reached the replica
+
+        assert await asyncio.to_thread(peer_serial, "127.0.0.1", port, files.ca) == files.serial
+        context = ssl.create_default_context(cafile=str(files.ca))
+
+        async def http_up():
+            async with aiohttp.ClientSession() as session:
+                try:
+                    async with session.post(
+                        f"https://localhost:{port}/api/auth/refresh", ssl=context
+                    ) as resp:
+                        return resp.status == 200 and await resp.json()
+                except aiohttp.ClientError:
+                    return False
+
+        body = await eventually(http_up, 15, "the HTTP side through HAProxy TLS", every=0.1)
+        assert body["path"] == "/api/auth/refresh"
+        assert body["proto"] == "https" and body["for"] == "127.0.0.1"
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientError):  # no plaintext on the TLS port
+                async with session.get(f"http://127.0.0.1:{port}/api/x") as resp:
+                    await resp.read()
+    finally:
+        await asyncio.to_thread(stop_haproxy, haproxy)
+        await runner.cleanup()

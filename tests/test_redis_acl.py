@@ -1,0 +1,222 @@
+"""deploy/redis-users.acl: a whole session runs with the replica, the worker and the operator
+CLI each under its own restricted Redis user (default user off), Redis denies none of their
+commands, and each user is refused what its role does not need."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import secrets
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from broker import connect
+from broker.context import Settings
+from combiner.processes import Child
+from combiner.refclient import ReferenceClient
+from tests import tokens
+from tests.cluster import ROOT
+from tests.services import RedisServer, eventually
+from workers.fedavg import load_npz, save_npz
+
+TEMPLATE = ROOT / "deploy" / "redis-users.acl"
+ROLES = ("replica", "worker", "operator")
+CLIENTS = {"alice": 1.0, "bob": 2.0, "carol": 4.0}  # constant each client adds
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_redis_acl", ROOT / "deploy/make-redis-acl.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class AclRedis:
+    """A redis-server on the generated ACL file (random passwords made now), plus an admin
+    user of the test's own (readiness check, ACL LOG), which the shipped template has not."""
+
+    def __init__(self, tmp_path, prefix: str) -> None:
+        text, self.passwords = _generator().render(TEMPLATE.read_text(), prefix)
+        assert set(self.passwords) == set(ROLES)
+        assert "CHANGE_ME" not in text and "user default off" in text
+        for password in self.passwords.values():
+            assert password not in text  # only hashes in the file
+        self.admin_password = secrets.token_urlsafe(24)
+        acl = tmp_path / "users.acl"
+        acl.write_text(text + f"user admin on >{self.admin_password} ~* &* +@all\n")
+        self.server = RedisServer(
+            options={"aclfile": str(acl)}, username="admin", password=self.admin_password
+        )
+
+    def url(self, role: str) -> str:
+        return self.server.url_for(role, self.passwords[role])
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis.from_url(self.server.url, decode_responses=True)
+
+    def denials(self) -> list[dict]:
+        with self.admin() as client:
+            return client.acl_log()
+
+
+@pytest.fixture
+def acl_redis(tmp_path, prefix):
+    acl = AclRedis(tmp_path, prefix)
+    acl.server.start()
+    yield acl
+    acl.server.close()
+
+
+def as_role(acl: AclRedis, role: str) -> dict[str, str]:
+    """The environment of a process of role: its URL in COMBINER_REDIS_URL (not in argv,
+    where `ps` would show the password)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMBINER_")}
+    env["COMBINER_REDIS_URL"] = acl.url(role)
+    return env
+
+
+def test_the_template_cannot_be_loaded_as_is(tmp_path):
+    """Placeholders and comments: Redis refuses the template itself (no weak passwords)."""
+    from broker.redis_process import RedisStartError
+
+    server = RedisServer(options={"aclfile": str(TEMPLATE)})
+    with pytest.raises(RedisStartError, match="ACL"):
+        server.start(timeout=5)
+    server.close()
+
+
+async def test_a_session_runs_under_the_restricted_users(acl_redis, prefix, tmp_path):
+    common = ["--prefix", prefix, "--log-level", "info"]
+    replica = Child(
+        ["serve", "--port", "0", "--stream-keepalive", "2", "--drain-delay", "0", *common],
+        str(tmp_path / "replica.log"),
+        env=as_role(acl_redis, "replica"),
+    )
+    worker = Child(
+        ["worker", "--poll-every", "0.2", "--offline-after", "6", "--lease-ttl", "3", *common],
+        str(tmp_path / "worker.log"),
+        env=as_role(acl_redis, "worker"),
+    )
+
+    def logs() -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in tmp_path.glob("*.log")
+        )
+
+    stop = asyncio.Event()
+    runs: list[asyncio.Task] = []
+    try:
+        await asyncio.to_thread(replica.start, True)
+        worker.start()
+        # The operator issues the clients' tokens (the replica runs with tokens checked).
+        async with connect(acl_redis.url("operator"), settings=Settings(prefix=prefix)) as op:
+            key = await tokens.publish(op)
+            issued = {c: await tokens.issue(op, key, c) for c in CLIENTS}
+        for cid, constant in CLIENTS.items():
+            client = ReferenceClient(
+                f"127.0.0.1:{replica.port}",
+                cid,
+                mode="stream" if cid == "carol" else "poll",
+                poll_interval=0.2,
+                train=lambda arrays, settings, c=constant: ([a + c for a in arrays], 10),
+            )
+            client.metadata = issued[cid].metadata()
+            runs.append(asyncio.create_task(client.run(stop)))
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "combiner", *args, "--prefix", prefix],
+                capture_output=True, text=True, timeout=120, env=as_role(acl_redis, "operator"),
+            )  # fmt: skip
+
+        async def all_online():
+            done = await asyncio.to_thread(cli, "status", "--json")
+            assert done.returncode == 0, done.stderr + logs()
+            return len(json.loads(done.stdout)["clients"]["online"]) == len(CLIENTS)
+
+        await eventually(all_online, 30, "three clients online", every=0.2)
+        seed = tmp_path / "seed.npz"
+        seed.write_bytes(save_npz([np.zeros(4, dtype=np.float32)]))
+        done = await asyncio.to_thread(
+            cli, "session", "start", "--seed-model", str(seed), "--rounds", "2",
+            "--min-clients", "3", "--round-timeout", "60", "--wait", "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr + logs()
+        session = json.loads(done.stdout)
+        assert session["status"] == "completed", session
+        assert [r["status"] for r in session["rounds"]] == ["done", "done"]
+        assert all(r["updates"] == 3 for r in session["rounds"])
+
+        out = tmp_path / "final.npz"
+        got = await asyncio.to_thread(cli, "model", "get", session["model_id"], "-o", str(out))
+        assert got.returncode == 0, got.stderr
+        mean = sum(CLIENTS.values()) / len(CLIENTS)
+        np.testing.assert_allclose(load_npz(out.read_bytes())[0], np.full(4, 2 * mean), rtol=1e-6)
+        status = await asyncio.to_thread(cli, "status", "--json")
+        assert status.returncode == 0, status.stderr
+    finally:
+        stop.set()
+        for run in runs:
+            try:
+                await asyncio.wait_for(run, 5)
+            except (Exception, asyncio.CancelledError):
+                run.cancel()
+        await asyncio.to_thread(worker.stop, 10)
+        await asyncio.to_thread(replica.stop, 10)
+    assert acl_redis.denials() == [], logs()
+
+
+def test_each_user_is_refused_what_its_role_does_not_need(acl_redis, prefix):
+    def client(role: str) -> redis.Redis:
+        return redis.Redis.from_url(acl_redis.url(role), decode_responses=True)
+
+    def refused(call) -> None:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            call()
+
+    outside = f"x{uuid.uuid4().hex[:8]}:secret"
+    with client("replica") as r:
+        assert r.ping()
+        r.hset(f"{prefix}:{{c:a}}:client", "status", "online")  # its own keys: fine
+        r.hset(f"{prefix}:auth:keys", "kid", "pem")  # publishing its signing key: fine
+        assert r.hgetall(f"{prefix}:auth:token:0123") == {}  # reading tokens: fine
+        refused(r.flushall)
+        refused(lambda: r.config_get("*"))
+        refused(lambda: r.keys("*"))
+        refused(lambda: r.get(outside))
+        refused(lambda: r.set(f"{prefix}x", "1"))  # a prefix lookalike, not the prefix
+        refused(lambda: r.hset(f"{prefix}:auth:token:0123", "status", "active"))
+        refused(lambda: r.zrem(f"{prefix}:auth:revoked", "0123"))
+        refused(lambda: r.eval("return 1", 0))
+        refused(lambda: r.publish("elsewhere", "x"))
+        refused(lambda: r.execute_command("SCRIPT", "FLUSH"))
+        # A script runs with its caller's rights: loading one does not widen them.
+        sha = r.script_load(f"return redis.call('HSET', '{outside}', 'f', '1')")
+        with pytest.raises(redis.exceptions.ResponseError, match="can't access"):
+            r.evalsha(sha, 0)
+    with client("worker") as w:
+        refused(lambda: w.hgetall(f"{prefix}:auth:token:0123"))
+        refused(lambda: w.get(f"{prefix}:auth:revocations"))
+        refused(w.flushdb)
+        refused(lambda: w.execute_command("SUBSCRIBE", f"{prefix}:wake"))
+    with client("operator") as o:
+        o.hset(f"{prefix}:auth:token:0123", "status", "revoked")  # token admin: fine
+        refused(o.flushall)
+        refused(lambda: o.config_set("appendonly", "no"))
+        refused(lambda: o.get(outside))
+        refused(lambda: o.execute_command("ACL", "LIST"))
+        refused(lambda: o.xreadgroup("g", "c", {f"{prefix}:in:updates": ">"}))
+    wrong = acl_redis.server.url_for("replica", "not-the-password")
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(wrong).ping()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=acl_redis.server.port).ping()  # default: off
