@@ -84,3 +84,33 @@ def print_status(view: dict, as_json: bool) -> None:
         if cur
         else "no session running"
     )
+
+
+def _time(unix: str) -> str:
+    if not unix:
+        return ""
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(float(unix), tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def print_tokens(tokens: list[dict], as_json: bool) -> None:
+    """`token list`: the public fields of every token record (no hash, no token)."""
+    if as_json:
+        click.echo(json.dumps(tokens, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("id", "client", "role", "status", "created (UTC)", "expires", "revoked")
+    for t in tokens:
+        table.add_row(
+            t["id"],
+            t["client_id"],
+            t["role"],
+            t["status"],
+            _time(t["created"]),
+            _time(t["expires"]) or "never",
+            _time(t["revoked_at"]),
+        )
+    _console().print(table)
