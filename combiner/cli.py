@@ -446,7 +446,7 @@ async def token_list(cfg: Config, **kw) -> None:
 
     async with open_broker(cfg) as broker:
         records = await broker.credentials.list()
-    print_tokens([r.public() for r in records], kw["as_json"])
+    print_tokens([_token_view(r) for r in records], kw["as_json"])
 
 
 @token.command("revoke")
@@ -493,9 +493,28 @@ async def token_retire_key(cfg: Config, **kw) -> None:
     """Stop accepting access tokens signed with key KID (after rotating to a new key:
     docs/security.md). Clients refresh, and get tokens signed with the new key."""
     async with open_broker(cfg) as broker:
-        if not await broker.credentials.retire_key(kw["kid"]):
+        # looked up first: retiring bumps the counter every replica follows
+        known = len(kw["kid"]) <= 64 and await broker.credentials.public_key(kw["kid"])
+        if not known or not await broker.credentials.retire_key(kw["kid"]):
             raise click.ClickException(f"no published signing key {kw['kid'][:80]!r}")
     click.echo(f"retired signing key {kw['kid']}", err=True)
+
+
+def _token_view(record) -> dict:
+    """What `token list` shows of a record: never the hash (nor, of course, the token)."""
+
+    def moment(value: str) -> float | None:
+        return float(value) if value else None
+
+    return {
+        "id": record.id,
+        "client_id": record.client_id,
+        "role": record.role,
+        "status": record.status,
+        "created": moment(record.created),
+        "expires": moment(record.expires),
+        "revoked_at": moment(record.revoked_at),
+    }
 
 
 def _when(unix: str) -> str:

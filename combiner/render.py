@@ -86,23 +86,27 @@ def print_status(view: dict, as_json: bool) -> None:
     )
 
 
-def _time(unix: str) -> str:
-    if not unix:
+def _time(unix: float | None) -> str:
+    if unix is None:
         return ""
     import datetime
 
-    moment = datetime.datetime.fromtimestamp(float(unix), tz=datetime.UTC)
+    moment = datetime.datetime.fromtimestamp(unix, tz=datetime.UTC)
     return moment.strftime("%Y-%m-%d %H:%M")
 
 
 def print_tokens(tokens: list[dict], as_json: bool) -> None:
-    """`token list`: the public fields of every token record (no hash, no token)."""
+    """`token list`: id, client, role, status and times of each token (no hash, no token)."""
     if as_json:
         click.echo(json.dumps(tokens, indent=2))
         return
     from rich.table import Table
 
-    table = Table("id", "client", "role", "status", "created (UTC)", "expires", "revoked")
+    table = Table()
+    table.add_column("id", no_wrap=True)  # what `token revoke` takes: never cut
+    table.add_column("client", overflow="fold")
+    for name in ("role", "status", "created (UTC)", "expires", "revoked"):
+        table.add_column(name)
     for t in tokens:
         table.add_row(
             t["id"],
