@@ -177,6 +177,20 @@ def ssl_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def load_key(path: str, audience: str) -> SigningKey:
+    """The key file, created if missing. Replicas sharing one file (a volume) may start at
+    once: the one that loses the race to create it reads the winner's."""
+    for _ in range(50):
+        try:
+            return SigningKey.load_or_create(path, audience)
+        except FileExistsError:
+            pass
+        except ValueError:  # the winner has not finished writing it
+            pass
+        time.sleep(0.05)
+    return SigningKey.load_or_create(path, audience)
+
+
 class HttpApi:
     """The HTTP side of one replica, started and stopped with it (combiner/server.py)."""
 
@@ -195,9 +209,7 @@ class HttpApi:
     async def start(self) -> int:
         opts = self.opts
         if opts.signing_key and not opts.insecure:
-            self.signing_key = await asyncio.to_thread(
-                SigningKey.load_or_create, opts.signing_key, opts.audience
-            )
+            self.signing_key = await asyncio.to_thread(load_key, opts.signing_key, opts.audience)
             # Every replica verifies with the public keys in Redis, whoever minted.
             await self.credentials.publish_key(self.signing_key.kid, self.signing_key.public_pem)
             log.info("http: signing access tokens with key %s", self.signing_key.kid)

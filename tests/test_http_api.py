@@ -451,3 +451,42 @@ async def test_fuzz_both_routes(api, broker, quiet, prefix):
         raise errors[0]
     assert {200, 400, 401, 404, 405} <= set(run.seen)
     assert await keys(broker, prefix) == quiet
+
+
+# --- the reference client's token flow -------------------------------------------------------
+
+
+async def test_the_reference_client_joins_with_a_token_and_sends_it_on_every_rpc(api, broker):
+    from combiner.refclient import ReferenceClient
+
+    refresh, _ = await broker.credentials.create("alice")
+    client = ReferenceClient("", "whoever", api_url=api.url, token=refresh, poll_interval=0.05)
+    corr = await broker.tasks.push("alice", "Custom_echo", data="{}")
+    client.custom = {"echo": lambda params: {"ok": True}}
+    stop = asyncio.Event()
+    run = asyncio.create_task(client.run(stop))
+
+    async def done():
+        if run.done():
+            run.result()  # a failure of the client fails the test here
+        return corr in client.counters.received and client.counters.tasks == 1
+
+    try:
+        await eventually(done, what="alice's task handed to the token-holding client")
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 10)
+    assert client.client_id == "alice" and client.target == f"127.0.0.1:{api.replica.port}"
+    sent = dict(client.metadata)
+    assert sent["client"] == "alice" and sent["authorization"] == f"Bearer {client.access_token}"
+    assert (await api.replica.auth.verify(client.access_token)).client_id == "alice"
+
+
+async def test_the_reference_client_stops_on_a_refused_token(api, broker):
+    from combiner.refclient import JoinRefused, ReferenceClient
+
+    refresh, _ = await broker.credentials.create("bob")
+    await broker.credentials.revoke(refresh)
+    client = ReferenceClient("", "bob", api_url=api.url, token=refresh)
+    with pytest.raises(JoinRefused, match="401 refresh token revoked"):
+        await asyncio.wait_for(client.run(asyncio.Event()), 10)
