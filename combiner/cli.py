@@ -372,9 +372,17 @@ def main() -> None:
     "file is picked up without a restart.",
 )
 @option("--tls-key", default="", help="PEM private key of --tls-cert.")
+@option(
+    "--trust-forwarded-for/--no-trust-forwarded-for",
+    default=False,
+    help="Blame failed token refreshes on the last X-Forwarded-For address instead of the "
+    "peer's. Only behind a proxy that sets it (HAProxy: option forwardfor); otherwise any "
+    "caller could pick the address it is blamed as.",
+)
 @run_async
 async def serve(cfg: Config) -> None:
-    """Run one front-end replica (gRPC: CombinerClient, ModelService, health, reflection)."""
+    """Run one front-end replica (gRPC: CombinerClient, ModelService, health, reflection;
+    with --http-port also the HTTP side: token exchange and client assignment)."""
     from combiner import tls
     from combiner.server import serve as run_replica
 
@@ -383,11 +391,148 @@ async def serve(cfg: Config) -> None:
         tls.from_options(opts.tls_cert, opts.tls_key)
     except tls.TLSConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if opts.http_port is not None and not opts.insecure and not opts.signing_key:
+        opts.signing_key = str(pathlib.Path(cfg.state_dir) / "signing-key.pem")
+
+    def ready(replica) -> None:
+        print(f"listening on {opts.host}:{replica.port}", flush=True)
+        if replica.http is not None:
+            print(f"http on {opts.host}:{replica.http_port}", flush=True)
+
     async with open_broker(cfg) as broker:
         start_metrics(cfg.metrics_port, broker)
-        await run_replica(
-            broker, opts, ready=lambda port: print(f"listening on {opts.host}:{port}", flush=True)
+        try:
+            await run_replica(broker, opts, ready=ready)
+        except (OSError, ValueError) as exc:  # a taken HTTP port, an unreadable key file
+            raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def token() -> None:
+    """Refresh tokens for clients and operators, and the keys that sign access tokens.
+
+    A client joins with `scaleout client start --api-url http://HOST:HTTP_PORT --token T
+    --local-package`; Redis keeps only a hash of each token (docs/security.md).
+    """
+
+
+@token.command("create")
+@redis_options
+@option("--client", "client_id", required=True, help="Client id the token acts as.")
+@option(
+    "--role",
+    default="client",
+    type=click.Choice(["client", "admin"]),
+    help="client: a federated-learning client; admin: an operator's API client.",
+)
+@option(
+    "--expires-days",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="Days until the refresh token expires (default: never; revoke it instead).",
+)
+@run_async
+async def token_create(cfg: Config, **kw) -> None:
+    """Create a refresh token; it is printed once, as the last line of stdout."""
+    async with open_broker(cfg) as broker:
+        text, record = await broker.credentials.create(
+            kw["client_id"], kw["role"], kw["expires_days"]
         )
+    expires = f"expires {_when(record.expires)}" if record.expires else "never expires"
+    click.echo(
+        f"token {record.id} for {record.role} {record.client_id!r} ({expires}); "
+        "shown only now, Redis keeps a hash:",
+        err=True,
+    )
+    click.echo(text)
+
+
+@token.command("list")
+@redis_options
+@option("--json", "as_json", is_flag=True, default=False, help="Print one JSON list.")
+@run_async
+async def token_list(cfg: Config, **kw) -> None:
+    """Every token's id, client, role, status and times (never a token or its hash)."""
+    from combiner.render import print_tokens
+
+    async with open_broker(cfg) as broker:
+        records = await broker.credentials.list()
+    print_tokens([_token_view(r) for r in records], kw["as_json"])
+
+
+@token.command("revoke")
+@redis_options
+@click.argument("token_or_id", metavar="[TOKEN]", required=False, default="")
+@option("--client", "client_id", default="", help="Revoke every token of this client instead.")
+@run_async
+async def token_revoke(cfg: Config, **kw) -> None:
+    """Revoke TOKEN (its text, or its id from `token list`) or every token of --client.
+
+    Every replica refuses the access tokens made from it within about a second, and ends
+    the client's open TaskStreams; refreshing with it fails at once."""
+    if bool(kw["token_or_id"]) == bool(kw["client_id"]):
+        raise click.UsageError("give a TOKEN (or token id) or --client, not both")
+    async with open_broker(cfg) as broker:
+        ids = await broker.credentials.revoke(kw["token_or_id"], kw["client_id"])
+    click.echo(f"revoked {len(ids)} token(s)", err=True)
+    for token_id in ids:
+        click.echo(token_id)
+
+
+@token.command("keys")
+@redis_options
+@option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
+@run_async
+async def token_keys(cfg: Config, **kw) -> None:
+    """The signing keys whose access tokens replicas accept (key id: public key)."""
+    async with open_broker(cfg) as broker:
+        keys = await broker.credentials.public_keys()
+    if kw["as_json"]:
+        click.echo(json.dumps(keys, indent=2, sort_keys=True))
+        return
+    if not keys:
+        click.echo("no signing keys published (a replica with --http-port publishes its own)")
+    for kid in sorted(keys):
+        click.echo(kid)
+
+
+@token.command("retire-key")
+@redis_options
+@click.argument("kid")
+@run_async
+async def token_retire_key(cfg: Config, **kw) -> None:
+    """Stop accepting access tokens signed with key KID (after rotating to a new key:
+    docs/security.md). Clients refresh, and get tokens signed with the new key."""
+    async with open_broker(cfg) as broker:
+        # looked up first: retiring bumps the counter every replica follows
+        known = len(kw["kid"]) <= 64 and await broker.credentials.public_key(kw["kid"])
+        if not known or not await broker.credentials.retire_key(kw["kid"]):
+            raise click.ClickException(f"no published signing key {kw['kid'][:80]!r}")
+    click.echo(f"retired signing key {kw['kid']}", err=True)
+
+
+def _token_view(record) -> dict:
+    """What `token list` shows of a record: never the hash (nor, of course, the token)."""
+
+    def moment(value: str) -> float | None:
+        return float(value) if value else None
+
+    return {
+        "id": record.id,
+        "client_id": record.client_id,
+        "role": record.role,
+        "status": record.status,
+        "created": moment(record.created),
+        "expires": moment(record.expires),
+        "revoked_at": moment(record.revoked_at),
+    }
+
+
+def _when(unix: str) -> str:
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(float(unix), tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 @main.group()

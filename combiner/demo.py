@@ -1,9 +1,12 @@
 """`combiner demo`: the whole system on one machine.
 
 An embedded Redis, R replicas and a worker as child processes, and N reference clients
-that train a small linear model with numpy on their own synthetic data. The clients use a
-round-robin channel over all replicas, so every RPC may land on any replica; half-way
-through, one replica is restarted and the clients carry on.
+that train a small linear model with numpy on their own synthetic data. The replicas check
+tokens (no --insecure) and serve their HTTP side; the demo creates one refresh token per
+client (as `combiner token create` does), and each client joins the way the 1.0.0 client
+does in API mode: refresh, POST /api/v1/clients/add, then gRPC with its access token. The
+clients use a round-robin channel over all replicas, so every RPC may land on any replica;
+half-way through, one replica is restarted and the clients carry on.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from broker import Settings, connect
-from broker.embedded import EmbeddedRedis
+from broker.embedded import EmbeddedRedis, free_port
 from broker.records import RoundStatus, SessionStatus
 from combiner.processes import Child
 from combiner.refclient import ReferenceClient
@@ -82,15 +85,24 @@ async def run_demo(
     broker = None
     try:
         console.print(f"[bold]redis[/] {redis_url} (key prefix {prefix})")
-        servers = []
+        # One key file for all replicas: any of them mints tokens every replica accepts.
+        signing_key = str(state / "demo-signing-key.pem")
+        servers, api_urls = [], []
         for i in range(replicas):
-            args = ["serve", "--port", "0", "--replica-id", f"replica-{i + 1}", *common]
-            args.append("--insecure")  # for now: the simulated clients send no tokens yet
-            child = Child(args, str(logs / f"replica-{i + 1}.log"))
+            http_port = free_port()
+            child = Child(
+                ["serve", "--port", "0", "--replica-id", f"replica-{i + 1}",
+                 "--http-port", str(http_port), "--signing-key", signing_key, *common],
+                str(logs / f"replica-{i + 1}.log"),
+            )  # fmt: skip
             await asyncio.to_thread(child.start, True)
             servers.append(child)
             children.append(child)
-            console.print(f"[bold]replica-{i + 1}[/] listening on 127.0.0.1:{child.port}")
+            api_urls.append(f"http://127.0.0.1:{http_port}")
+            console.print(
+                f"[bold]replica-{i + 1}[/] listening on 127.0.0.1:{child.port} "
+                f"(HTTP side {api_urls[-1]})"
+            )
         worker = Child(
             ["worker", "--offline-after", "10", "--poll-every", "0.2", *common],
             str(logs / "worker.log"),
@@ -104,6 +116,8 @@ async def run_demo(
         refs = []
         for i in range(clients):
             train, validate = make_learner(i)
+            # what `combiner token create --client client-N` does; the text is shown once
+            token, _ = await broker.credentials.create(f"client-{i + 1}")
             refs.append(
                 ReferenceClient(
                     target,
@@ -113,6 +127,8 @@ async def run_demo(
                     train=train,
                     validate=validate,
                     round_robin=True,
+                    api_url=api_urls[i % replicas],
+                    token=token,
                 )
             )
         client_tasks = [asyncio.create_task(r.run(stop)) for r in refs]
@@ -120,7 +136,7 @@ async def run_demo(
             f"[bold]{clients} clients[/] started "
             f"({sum(r.mode == 'poll' for r in refs)} polling, "
             f"{sum(r.mode == 'stream' for r in refs)} streaming), round-robin over "
-            f"{replicas} replicas"
+            f"{replicas} replicas, each with its own token"
         )
 
         seed = [np.zeros(FEATURES, dtype=np.float32), np.zeros(1, dtype=np.float32)]
@@ -198,6 +214,7 @@ async def run_demo(
             "embedded": embedded is not None,
             "state_dir": str(state),
             "replica_restarted": restarted,
+            "tokens": True,
             "client_failures": sum(r.counters.failed for r in refs),
         }
         _print_summary(console, summary)

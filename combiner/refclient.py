@@ -3,6 +3,12 @@
 reconnects after errors instead of dying (the 1.0.0 client dies on UNAVAILABLE,
 docs/protocol.md §3.2). Used by tests, bench/ and the demo.
 
+Two ways in, as the 1.0.0 client: API mode (``api_url`` + ``token``: trade the refresh token
+for an access token at POST /api/auth/refresh, get assigned at POST /api/v1/clients/add, whose
+answer names the client id and the address to dial, then send ``authorization: Bearer
+<access>`` on every RPC and refresh 30 s before expiry), or direct attach to ``target`` with
+no token (for replicas started with --insecure).
+
 Training, validation, prediction and custom work are plain functions on numpy arrays.
 """
 
@@ -13,11 +19,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
+import jwt
 
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
@@ -37,6 +46,11 @@ RETRY = {
 }
 
 Train = Callable[[list, dict], tuple[list, int]]
+REFRESH_MARGIN = 30.0  # seconds before expiry the access token is renewed (as 1.0.0 does)
+
+
+class JoinRefused(RuntimeError):
+    """The HTTP side refused the token or the assignment for good (401, 403, 400, 406...)."""
 
 
 @dataclass
@@ -73,6 +87,9 @@ class ReferenceClient:
         max_backoff: float = 2.0,
         round_robin: bool = False,
         channel: grpc.aio.Channel | None = None,
+        api_url: str = "",
+        token: str = "",
+        root_certificates: bytes | None = None,
     ) -> None:
         if mode not in ("poll", "stream"):
             raise ValueError("mode must be 'poll' or 'stream'")
@@ -89,12 +106,102 @@ class ReferenceClient:
         self.max_backoff = max_backoff
         self.round_robin = round_robin  # spread calls over every address in the target
         self.counters = Counters()
-        self.metadata = (
-            ("client", client_id),
-            ("client-id", client_id),
-            ("name", self.name),
-        )
+        self.api_url = api_url.rstrip("/")
+        self.token = token  # the refresh token (API mode)
+        self.root_certificates = root_certificates  # TLS roots when the port is 443
+        self.access_token = ""
+        self.access_expires = 0.0
+        self.assignment: dict = {}
+        self.tls = False
         self._channel = channel  # shared by many clients (load tests), else one per run()
+        self._set_metadata()
+
+    def _set_metadata(self) -> None:
+        """What goes with every RPC: the client id, name and, in API mode, the token."""
+        metadata = [("client", self.client_id), ("client-id", self.client_id), ("name", self.name)]
+        if self.access_token:
+            metadata.append(("authorization", f"Bearer {self.access_token}"))
+        self.metadata = tuple(metadata)
+
+    # --- API mode: token exchange and assignment ------------------------------------------
+
+    async def _http(self, http: aiohttp.ClientSession, path: str, body: dict, headers=None):
+        """POST to the HTTP side until it answers for good: retries connection errors, 429,
+        503 and 203 ("try again", docs/operations.md "The HTTP side"); raises JoinRefused
+        on any other non-200."""
+        delay = 0.2
+        while True:
+            try:
+                async with http.post(self.api_url + path, json=body, headers=headers) as resp:
+                    try:
+                        answer = await resp.json(content_type=None)
+                    except ValueError:
+                        answer = {}
+                    answer = answer if isinstance(answer, dict) else {}
+                    if resp.status == 200:
+                        return answer
+                    if resp.status not in (203, 429, 503) and resp.status < 500:
+                        message = answer.get("message", "")
+                        raise JoinRefused(f"{path}: {resp.status} {message}".strip())
+                    wait = float(resp.headers.get("Retry-After", delay) or delay)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.debug("%s: %s: %s", self.client_id, path, exc)
+                wait = delay
+            self.counters.retries += 1
+            await asyncio.sleep(min(wait, 10.0))
+            delay = min(delay * 2, self.max_backoff)
+
+    async def refresh(self, http: aiohttp.ClientSession) -> None:
+        """A new access token for the refresh token; its expiry read from the JWT (unverified,
+        as the 1.0.0 client does), else from expires_in."""
+        answer = await self._http(
+            http, "/api/auth/refresh", {"refresh_token": self.token, "role": "client"}
+        )
+        access = answer.get("access_token") or answer.get("access")
+        if not isinstance(access, str) or not access:
+            raise JoinRefused("/api/auth/refresh: no access token in the answer")
+        try:
+            expires = float(jwt.decode(access, options={"verify_signature": False})["exp"])
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+            expires = time.time() + float(answer.get("expires_in") or 3600)
+        self.access_token, self.access_expires = access, expires
+        self._set_metadata()
+
+    async def join(self, http: aiohttp.ClientSession) -> dict:
+        """Refresh, then get assigned: the answer's client id becomes this client's."""
+        await self.refresh(http)
+        body = {
+            "name": self.name,
+            "client_id": self.client_id,
+            "preferred_combiner": "",
+            "package": "local",
+            "client_version": "1.0.0",
+        }
+        headers = {"Authorization": f"Bearer {self.access_token}"}
+        answer = await self._http(http, "/api/v1/clients/add", body, headers)
+        self.assignment = answer
+        if answer.get("client_id"):
+            if self.name == self.client_id:
+                self.name = answer["client_id"]
+            self.client_id = answer["client_id"]
+        if not self.target:  # else keep the given target (e.g. round-robin over replicas)
+            self.target = f"{answer.get('public_hostname', '')}:{answer.get('port', '')}"
+            self.tls = answer.get("port") == 443  # what the 1.0.0 client does
+        self._set_metadata()
+        return answer
+
+    async def _keep_fresh(self, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            wait = max(1.0, self.access_expires - REFRESH_MARGIN - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            if stop.is_set():
+                return
+            try:
+                await self.refresh(http)
+            except JoinRefused as exc:  # revoked: the next RPCs are refused, the loops end
+                log.warning("%s: token refresh refused: %s", self.client_id, exc)
+                return
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -122,19 +229,37 @@ class ReferenceClient:
         ]
         if self.round_robin:
             options.append(("grpc.lb_policy_name", "round_robin"))
-        own = self._channel is None
-        channel = grpc.aio.insecure_channel(self.target, options=options) if own else self._channel
-        self.stub = pb_grpc.CombinerClientStub(channel)
-        self.models = pb_grpc.ModelServiceStub(channel)
-        runner = self._poll_loop(stop) if self.mode == "poll" else self._stream_loop(stop)
+        http = fresh = None
+        if self.api_url:
+            http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
-            await runner
+            if http is not None:
+                await self.join(http)
+                fresh = asyncio.create_task(self._keep_fresh(http, stop))
+            own = self._channel is None
+            if not own:
+                channel = self._channel
+            elif self.tls:
+                creds = grpc.ssl_channel_credentials(self.root_certificates)
+                channel = grpc.aio.secure_channel(self.target, creds, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(self.target, options=options)
+            self.stub = pb_grpc.CombinerClientStub(channel)
+            self.models = pb_grpc.ModelServiceStub(channel)
+            runner = self._poll_loop(stop) if self.mode == "poll" else self._stream_loop(stop)
+            try:
+                await runner
+            finally:
+                if self.mode == "poll":
+                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                        await asyncio.wait_for(self._announce("Disconnect"), 2)
+                if own:
+                    await channel.close()
         finally:
-            if self.mode == "poll":
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-                    await asyncio.wait_for(self._announce("Disconnect"), 2)
-            if own:
-                await channel.close()
+            if fresh is not None:
+                fresh.cancel()
+            if http is not None:
+                await http.close()
 
     async def _announce(self, kind: str) -> pb.Response:
         params = json.dumps({"client-version": "1.0.0"}) if kind == "VersionCheck" else ""

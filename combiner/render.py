@@ -84,3 +84,37 @@ def print_status(view: dict, as_json: bool) -> None:
         if cur
         else "no session running"
     )
+
+
+def _time(unix: float | None) -> str:
+    if unix is None:
+        return ""
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(unix, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def print_tokens(tokens: list[dict], as_json: bool) -> None:
+    """`token list`: id, client, role, status and times of each token (no hash, no token)."""
+    if as_json:
+        click.echo(json.dumps(tokens, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("id", no_wrap=True)  # what `token revoke` takes: never cut
+    table.add_column("client", overflow="fold")
+    for name in ("role", "status", "created (UTC)", "expires", "revoked"):
+        table.add_column(name)
+    for t in tokens:
+        table.add_row(
+            t["id"],
+            t["client_id"],
+            t["role"],
+            t["status"],
+            _time(t["created"]),
+            _time(t["expires"]) or "never",
+            _time(t["revoked_at"]),
+        )
+    _console().print(table)

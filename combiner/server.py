@@ -52,6 +52,9 @@ class ServeOptions:
     audience: str = "scaleout"  # the aud claim; tokens of another deployment's aud fail
     tls_cert: str = ""  # PEM certificate chain; with tls_key: gRPC and HTTP over TLS
     tls_key: str = ""
+    # The HTTP side blames failed refreshes on the last X-Forwarded-For address (behind a
+    # proxy that sets it, e.g. HAProxy's `option forwardfor`), not on the proxy's own address.
+    trust_forwarded_for: bool = False
 
 
 def grpc_options(opts: ServeOptions) -> list[tuple[str, int]]:
@@ -121,6 +124,13 @@ class Replica:
         # SSLContext from here: self.tls.ssl_context()
         self.tls: tls.CertificateFiles | None = None
         self._tls_watch: asyncio.Task | None = None
+        # The HTTP side (token exchange, assignment) on this loop: combiner/http_api.py
+        self.http = None
+        if opts.http_port is not None:
+            from combiner.http_api import HttpApi  # aiohttp: only replicas that serve HTTP
+
+            self.http = HttpApi(self)
+        self.http_port = 0
         self._upkeep: asyncio.Task | None = None
         self.started = time.time()
 
@@ -153,6 +163,8 @@ class Replica:
         await self.server.start()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.http is not None:
+            self.http_port = await self.http.start()
         self._upkeep = asyncio.create_task(self._keep_up(), name="upkeep")
         if self.tls is not None:  # the HTTP side's SSLContexts follow renewals from here
             self._tls_watch = asyncio.create_task(self.tls.watch(), name="tls-watch")
@@ -194,6 +206,8 @@ class Replica:
         await self.health.enter_graceful_shutdown()
         if grace and self.opts.drain_delay:
             await asyncio.sleep(self.opts.drain_delay)
+        if self.http is not None:  # a client assigned now would dial a replica going away
+            await self.http.stop()
         self.combiner.close_streams()
         for task in (self._upkeep, self._tls_watch):
             if task is not None:
@@ -225,7 +239,7 @@ async def serve(broker: Broker, opts: ServeOptions, ready=None) -> None:
         gc.freeze()
         gc.set_threshold(100_000, 50, 1000)
         if ready is not None:
-            ready(replica.port)
+            ready(replica)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,6 +40,13 @@ def test_demo_small(tmp_path, redis_url):
         assert r["clients"] == ["client-1", "client-2", "client-3"]
         assert (r["updates"], r["validations"]) == (3, 3)
     assert summary["replica_restarted"] is True and summary["client_failures"] == 0
+    # every client joined with its own token through a replica's HTTP side, and no token
+    # (refresh "sct_...", access "eyJ...") reached a log
+    assert summary["tokens"] is True
+    logs = "".join(p.read_text() for p in (tmp_path / "demo-logs").glob("replica-*.log"))
+    for i in (1, 2, 3):
+        assert f"client 'client-{i}' assigned" in logs
+    assert "sct_" not in logs and "eyJ" not in logs
     final = load_npz((tmp_path / "demo-final-model.npz").read_bytes())
     for got, want in zip(final, expected_model(3, 3), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
