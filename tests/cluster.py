@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 
 import grpc
@@ -61,6 +62,21 @@ def tls_haproxy_env(bind: str, cert, grpc: list[str], http: list[str]) -> dict[s
         env[f"REPLICA{i + 1}"] = grpc[i]
         env[f"REPLICA{i + 1}_HTTP"] = http[i]
     return env
+
+
+def free_tls_host(port: int = 443, candidates=range(2, 10)) -> str | None:
+    """The first of 127.0.0.2, 127.0.0.3, ... where port (443: the only port on which the
+    1.0.0 client speaks TLS, docs/protocol.md §15) can be bound now, else None (not root,
+    or all taken). Loopback only."""
+    for last in candidates:
+        host = f"127.0.0.{last}"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return host
+    return None
 
 
 def health_status(target: str, timeout: float = 1.0) -> int | None:

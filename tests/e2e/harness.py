@@ -2,6 +2,11 @@
 against replicas started with the real CLI (`combiner serve`, one or several), with
 `combiner worker` processes driving training sessions, all driven through the CLI.
 
+API mode (docs/protocol.md §15): replicas started with `api=ApiSide(...)` check tokens and
+serve the HTTP side; start_tls_proxy() puts HAProxy with deploy/haproxy-tls.cfg in front of
+them on port 443; start_api_client() runs the unmodified `scaleout client start --api-url
+URL --token T --local-package` CLI (no driver) against it.
+
 Every process is started and stopped by its PID; its output goes to a file under the
 test's tmp_path, and conftest.py attaches it to the report when the test fails.
 """
@@ -35,6 +40,7 @@ CLIENT_REQUIREMENT = "scaleout==1.0.0"
 CLIENT_VENV = Path(os.environ.get("SCALEOUT_E2E_VENV", ROOT / ".cache" / "scaleout-venv"))
 DRIVER = HERE / "client_driver.py"
 CLIENT_PACKAGE = HERE / "client_package" / "client"
+SCALEOUT_CLI = CLIENT_VENV / "bin" / "scaleout"  # the published CLI's console script
 HOST = "127.0.0.1"
 POLL_INTERVAL = 1  # SCALEOUT_CLIENT_TASK_POLLING_INTERVAL (whole seconds)
 
@@ -265,6 +271,14 @@ class Cli:
     def status(self) -> dict:
         return json.loads(self("status", "--json"))
 
+    def token_create(self, client_id: str) -> str:
+        """A new refresh token for client_id (`token create` prints it as its last line)."""
+        return self("token", "create", "--client", client_id).strip().splitlines()[-1]
+
+    def token_revoke(self, client_id: str) -> list[str]:
+        """Revoke every token of client_id; returns the revoked token ids."""
+        return self("token", "revoke", "--client", client_id).split()
+
 
 def save_npz(path: Path, arrays: list[np.ndarray]) -> Path:
     """A model as the client's numpy helper writes it: arrays named "0".."n-1" (§9)."""
@@ -282,6 +296,57 @@ def load_npz(path: Path) -> list[np.ndarray]:
         return [npz[str(i)] for i in range(len(npz.files))]
 
 
+def client_env(
+    *,
+    delta: float,
+    num_examples: int,
+    train_seconds: float = 0.0,
+    slow_calls: str = "",
+    hold_dir: Path | None = None,
+    hold_calls: str = "",
+) -> dict[str, str]:
+    """The real client's environment: quiet, fast polls, and client_package/'s settings."""
+    return clean_env(
+        python_vars=False,
+        SCALEOUT_LOG_LEVEL="INFO",
+        SCALEOUT_CLIENT_TASK_POLLING_INTERVAL=str(POLL_INTERVAL),
+        SCALEOUT_CLIENT_SEND_TELEMETRY="false",
+        SCALEOUT_CHECK_COMPATIBILITY="true",
+        E2E_DELTA=repr(delta),
+        E2E_NUM_EXAMPLES=str(num_examples),
+        E2E_TRAIN_SECONDS=repr(float(train_seconds)),
+        E2E_SLOW_CALLS=slow_calls,
+        E2E_HOLD_DIR=str(hold_dir or ""),
+        E2E_HOLD_CALLS=hold_calls,
+    )
+
+
+def api_post(url: str, body: dict, ca: Path, token: str = "") -> tuple[int, dict]:
+    """POST JSON over HTTPS verified against ca; (status, JSON body or {}), never raises for
+    an HTTP error status."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as reply:
+            status, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (OSError, urllib.error.URLError):
+        return 0, {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = {}
+    return status, parsed if isinstance(parsed, dict) else {}
+
+
 # --- the system under test -----------------------------------------------------------------
 
 
@@ -294,6 +359,17 @@ class Client:
     num_examples: int
     mode: str
     port: int
+
+
+@dataclass(frozen=True)
+class ApiSide:
+    """A replica with tokens on and the HTTP side (`serve --http-port`), assigning clients
+    to public_host:public_port (HAProxy's address; 443 makes the 1.0.0 client use TLS).
+    Replicas that share signing_key (created by the first) mint tokens every one accepts."""
+
+    public_host: str
+    public_port: int
+    signing_key: Path
 
 
 class Session:
@@ -352,6 +428,7 @@ class E2E:
         self.cli = Cli(redis_url, prefix, tmp)
         self.servers: list[Proc] = []
         self.ports: list[int] = []
+        self.http_ports: list[int] = []  # of replicas started with api=, in that order
         self.workers: list[Proc] = []
         self.clients: list[Client] = []
         self.others: list[Proc] = []  # e.g. `session start --wait`
@@ -370,8 +447,11 @@ class E2E:
         self.request.node.stash.setdefault(PROCS, []).append(proc)
         return proc
 
-    def start_server(self, timeout: float = 20.0) -> int:
-        """One more replica on a free port; returns its port once it answers SERVING."""
+    def start_server(self, timeout: float = 20.0, api: ApiSide | None = None) -> int:
+        """One more replica on a free port; returns its port once it answers SERVING.
+        Without api: --insecure (the direct-attach tests' clients send no tokens, §3.1).
+        With api: tokens checked, and the HTTP side on a port of its choosing
+        (self.http_ports)."""
         n = len(self.servers) + 1
         port = free_port()
         args = [
@@ -379,8 +459,14 @@ class E2E:
             "--redis-url", self.redis_url, "--prefix", self.prefix,
             "--replica-id", f"e2e-r{n}-{self.prefix}",
             "--drain-timeout", "2", "--drain-delay", "0", "--log-level", "info",
-            "--insecure",  # for now: the direct-attach clients send no tokens (issue 12)
         ]  # fmt: skip
+        if api is None:
+            args.append("--insecure")
+        else:
+            args += [
+                "--http-port", "0", "--public-host", api.public_host,
+                "--public-port", str(api.public_port), "--signing-key", str(api.signing_key),
+            ]  # fmt: skip
         log = self.tmp / ("combiner.log" if n == 1 else f"combiner-{n}.log")
         server = self._track(Proc(f"combiner serve #{n}", args, self.tmp, clean_env(), log))
         self.servers.append(server)
@@ -393,6 +479,16 @@ class E2E:
         got = wait_for(listening, timeout, 0.05, f"`combiner serve` #{n} to print 'listening on'")
         assert got == port, f"asked for port {port}, it listens on {got}"
         self.ports.append(port)
+        if api is not None:
+
+            def http_listening():
+                ensure_alive(server)
+                found = re.search(rf"http on {re.escape(HOST)}:(\d+)", server.read_log())
+                return int(found.group(1)) if found else 0
+
+            self.http_ports.append(
+                wait_for(http_listening, timeout, 0.05, f"replica #{n} to print 'http on'")
+            )
         wait_for(
             lambda: self._serving(server, port),
             timeout,
@@ -438,6 +534,50 @@ class E2E:
         self.wait_log(proc, f"worker {worker_id} started", timeout)
         return proc
 
+    def start_tls_proxy(self, host: str, certs, timeout: float = 20.0) -> Proc:
+        """HAProxy with deploy/haproxy-tls.cfg on host:443, terminating TLS with certs
+        (tests/certs.py ServerFiles) in front of every replica started so far with api=:
+        gRPC to their gRPC ports, /api to their HTTP sides. Returns once a gRPC health check
+        and an HTTP request through it reach the replicas."""
+        from tests.cluster import HAPROXY_TLS_CFG, MAX_REPLICAS, tls_haproxy_env
+
+        assert 1 <= len(self.http_ports) <= MAX_REPLICAS, "start replicas with api= first"
+        binary = shutil.which("haproxy")
+        assert binary, "haproxy is not installed"
+        grpc_addrs = [f"{HOST}:{p}" for p in self.ports[: len(self.http_ports)]]
+        http_addrs = [f"{HOST}:{p}" for p in self.http_ports]
+        env = {
+            **clean_env(),
+            **tls_haproxy_env(f"{host}:443", certs.combined, grpc_addrs, http_addrs),
+        }
+        args = [binary, "-db", "-f", str(HAPROXY_TLS_CFG)]
+        proxy = self._track(Proc("haproxy (TLS)", args, self.tmp, env, self.tmp / "haproxy.log"))
+        self.others.append(proxy)
+        roots = certs.ca.read_bytes()
+
+        def grpc_through():
+            ensure_alive(proxy)
+            credentials = grpc.ssl_channel_credentials(roots)
+            with grpc.secure_channel(f"{host}:443", credentials) as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service="scaleout.CombinerClient"),
+                        timeout=2,
+                    )
+                except grpc.RpcError:
+                    return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        def http_through():
+            ensure_alive(proxy)
+            # an empty refresh: a replica answers 400 JSON, HAProxy alone only 503
+            status, body = api_post(f"https://{host}:443/api/auth/refresh", {}, certs.ca)
+            return status == 400 and "message" in body
+
+        wait_for(grpc_through, timeout, 0.1, "a gRPC health check through HAProxy TLS")
+        wait_for(http_through, timeout, 0.1, "the replicas' HTTP side through HAProxy TLS")
+        return proxy
+
     def start_session(self, seed: Path, *options: str) -> Session:
         """`combiner session start --seed-model SEED OPTIONS --wait --json` in the background."""
         n = len(self.others) + 1
@@ -477,18 +617,13 @@ class E2E:
         name = name or f"{client_id}-name"
         home = self.tmp / client_id
         shutil.copytree(CLIENT_PACKAGE, home / "client")
-        env = clean_env(
-            python_vars=False,
-            SCALEOUT_LOG_LEVEL="INFO",
-            SCALEOUT_CLIENT_TASK_POLLING_INTERVAL=str(POLL_INTERVAL),
-            SCALEOUT_CLIENT_SEND_TELEMETRY="false",
-            SCALEOUT_CHECK_COMPATIBILITY="true",
-            E2E_DELTA=repr(delta),
-            E2E_NUM_EXAMPLES=str(num_examples),
-            E2E_TRAIN_SECONDS=repr(float(train_seconds)),
-            E2E_SLOW_CALLS=slow_calls,
-            E2E_HOLD_DIR=str(hold_dir or ""),
-            E2E_HOLD_CALLS=hold_calls,
+        env = client_env(
+            delta=delta,
+            num_examples=num_examples,
+            train_seconds=train_seconds,
+            slow_calls=slow_calls,
+            hold_dir=hold_dir,
+            hold_calls=hold_calls,
         )
         args = [
             str(self.client_python), "-u", "-I", str(DRIVER),
@@ -496,6 +631,52 @@ class E2E:
         ]  # fmt: skip
         proc = self._track(Proc(f"client {client_id}", args, home, env, home / "client.log"))
         client = Client(proc, client_id, name, delta, num_examples, mode, port)
+        self.clients.append(client)
+        return client
+
+    def start_api_client(
+        self,
+        api_url: str,
+        token: str,
+        client_id: str,
+        *,
+        delta: float,
+        num_examples: int = 10,
+        env: dict[str, str] | None = None,
+        hold_dir: Path | None = None,
+        hold_calls: str = "",
+    ) -> Client:
+        """The unmodified published CLI in API mode, no driver:
+        `scaleout client start --api-url URL --token T --client-id ID --name N --local-package`
+        run from a folder holding client/ (the compute package, client_package/), which is
+        all --local-package needs (it loads ./client/scaleout.yaml's startup entry point).
+        The token is exchanged at URL/api/auth/refresh and URL/api/v1/clients/add assigns
+        the client to a replica address (§15). env adds to the environment (the TLS roots:
+        REQUESTS_CA_BUNDLE for the HTTP side, SCALEOUT_GRPC_ROOT_CERT_PATH or
+        GRPC_DEFAULT_SSL_ROOTS_FILE_PATH for gRPC). Its token cache and $HOME are its own
+        folder, so nothing is read from or left in ~/.scaleout."""
+        name = f"{client_id}-name"
+        home = self.tmp / client_id
+        shutil.copytree(CLIENT_PACKAGE, home / "client")
+        extra = {"SCALEOUT_TOKEN_CACHE_DIR": str(home / "tokens"), "HOME": str(home)}
+        full_env = client_env(
+            delta=delta, num_examples=num_examples, hold_dir=hold_dir, hold_calls=hold_calls
+        )
+        for inherited in (
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+        ):
+            full_env.pop(inherited, None)  # only what the test gives
+        full_env.update(extra, **(env or {}))
+        args = [
+            str(SCALEOUT_CLI), "client", "start", "--api-url", api_url, "--token", token,
+            "--client-id", client_id, "--name", name, "--local-package",
+        ]  # fmt: skip
+        proc = self._track(
+            Proc(f"client {client_id} (CLI)", args, home, full_env, home / "client.log")
+        )
+        client = Client(proc, client_id, name, delta, num_examples, "api", 0)
         self.clients.append(client)
         return client
 
