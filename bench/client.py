@@ -162,6 +162,11 @@ async def run_unary(spec: dict, commands: Commands) -> dict:
     for c in chans:
         await asyncio.wait_for(c.channel_ready(), 30)
     prefix = spec.get("client_prefix", "c")
+    signing = None
+    if spec.get("signing_key"):  # each client polls with its own access token (scenario auth)
+        from combiner.signing import SigningKey
+
+        signing = SigningKey.load_or_create(spec["signing_key"])
     t0 = await go(commands)
     start, end = t0 + spec["warmup"], t0 + spec["warmup"] + spec["duration"]
     latencies: list[float] = []
@@ -174,6 +179,9 @@ async def run_unary(spec: dict, commands: Commands) -> dict:
         nonlocal seen
         cid = f"{prefix}{i}"
         md = metadata(cid)
+        if signing is not None:
+            access = signing.mint(cid, "client", f"bench-{cid}", 3600).token
+            md = (*md, ("authorization", f"Bearer {access}"))
         call = getattr(stubs[i % len(stubs)], method)
         idle = request_for(method, cid)
         request = idle

@@ -24,6 +24,7 @@ from bench.procs import ROOT
 TARGETS = [
     ("poll ≥ 0.6x bare RPS", "poll", "R=?/rps", "ratio", ">=", 0.6),
     ("poll ≤ 0.2 Redis round trips/RPC", "poll", "R=?/round_trips", "value", "<=", 0.2),
+    ("poll with tokens ≥ 0.9x --insecure RPS", "auth", "auth/rps", "ratio", ">=", 0.9),
     ("ingest ≥ 0.6x bare RPS", "ingest", "Send* R=?", "ratio", ">=", 0.6),
     ("ingest ≤ 0.2 Redis round trips/RPC", "ingest", "Send* R=?/round_trips", "value", "<=", 0.2),
     ("Download ≥ 0.8x bare at 1 MiB", "transfer", "*/download", "ratio", ">=", 0.8),
