@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -169,14 +168,6 @@ class FailureLimiter:
         return len(self._failures)
 
 
-def ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """The HTTP side's TLS context from PEM files (replaced at merge by combiner/tls.py's
-    reloading factory, which picks up renewed certificates)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
-
-
 def load_key(path: str, audience: str) -> SigningKey:
     """The key file, created if missing. Replicas sharing one file (a volume) may start at
     once: the one that loses the race to create it reads the winner's."""
@@ -215,7 +206,10 @@ class HttpApi:
             log.info("http: signing access tokens with key %s", self.signing_key.kid)
         elif not opts.insecure:
             log.warning("http: no --signing-key: POST /api/auth/refresh is refused here")
-        context = ssl_context(opts.tls_cert, opts.tls_key) if opts.tls_cert else None
+        # The replica's certificate files (combiner/tls.py): renewed files are re-loaded
+        # into this context by the replica's TLS watch, without a restart.
+        tls = self.replica.tls
+        context = tls.ssl_context() if tls is not None else None
         self._runner = web.AppRunner(
             self.app, access_log=logging.getLogger("combiner.http.access"),
             access_log_format=ACCESS_LOG_FORMAT, handle_signals=False,

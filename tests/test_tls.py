@@ -230,3 +230,21 @@ async def test_replica_push_and_poll_over_rediss(tls_redis, prefix):
         )
         assert task.correlation_id == corr
         assert (await operator.tasks.show(corr))["state"] == "delivered"
+
+
+async def test_the_http_side_serves_tls_and_a_renewed_certificate(
+    make_replica, ca, files, tmp_path
+):
+    replica = await make_replica(tls_cert=str(files.cert), tls_key=str(files.key), http_port=0)
+    port = replica.http.port
+    http11 = ("http/1.1",)
+    assert await asyncio.to_thread(peer_serial, "127.0.0.1", port, files.ca, http11) == (
+        files.serial
+    )
+    renewed = ca.write_server(tmp_path / "tls")  # same paths, new key and serial
+
+    async def serves_renewed():
+        got = await asyncio.to_thread(peer_serial, "127.0.0.1", port, files.ca, http11)
+        return got == renewed.serial
+
+    await eventually(serves_renewed, 10, "the renewed certificate on the HTTP side")
