@@ -6,6 +6,7 @@ import uuid
 
 import grpc
 import pytest
+import redis
 
 from broker import connect
 from broker.context import Settings
@@ -25,6 +26,20 @@ def redis_url():
 def prefix() -> str:
     """A fresh key prefix per test: no test sees another's keys."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def at(redis_url, prefix):
+    """The flags that point a command at this test's Redis and prefix."""
+    return ["--redis-url", redis_url, "--prefix", prefix]
+
+
+@pytest.fixture
+def rdb(redis_url):
+    """A plain (sync) client of the test Redis, to look at what commands wrote."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture

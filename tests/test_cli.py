@@ -48,19 +48,6 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *words: str) -> None
     assert proc.stdout.strip() == "", proc.stdout
 
 
-@pytest.fixture
-def at(redis_url, prefix):
-    """The flags that point a command at this test's Redis and prefix."""
-    return ["--redis-url", redis_url, "--prefix", prefix]
-
-
-@pytest.fixture
-def rdb(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 def keys_under(rdb, prefix: str) -> list[str]:
     return sorted(k.decode() for k in rdb.scan_iter(match=f"{prefix}:*"))
 

@@ -14,23 +14,10 @@ import urllib.request
 
 import jwt
 import pytest
-import redis
 
 from broker.embedded import free_port
 from combiner.processes import Child
 from tests.test_cli import assert_clean_failure, clean_env, keys_under, run
-
-
-@pytest.fixture
-def at(redis_url, prefix):
-    return ["--redis-url", redis_url, "--prefix", prefix]
-
-
-@pytest.fixture
-def rdb(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def create(at, *args: str) -> tuple[str, str]:
