@@ -95,7 +95,8 @@ class Broker:
         self._closed = True
         await self.wakeups.stop()
         try:
-            await asyncio.wait_for(self._batcher.flush(), 5)
+            async with asyncio.timeout(5):  # not wait_for: see broker/connection.py
+                await self._batcher.flush()
         except Exception:
             pass  # Redis gone: those calls fail with BrokerUnavailable by themselves
         await self._redis.aclose()

@@ -75,7 +75,8 @@ class Wakeups:
         self.connected.clear()
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()
 
     async def _run(self) -> None:
         channel = self._ctx.keys.wake

@@ -194,7 +194,8 @@ class ReferenceClient:
         while not stop.is_set():
             wait = max(1.0, self.access_expires - REFRESH_MARGIN - time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await stop.wait()
             if stop.is_set():
                 return
             try:
@@ -251,8 +252,11 @@ class ReferenceClient:
                 await runner
             finally:
                 if self.mode == "poll":
-                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-                        await asyncio.wait_for(self._announce("Disconnect"), 2)
+                    # best effort on the way out, also when the run was cancelled
+                    errors = (grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError)
+                    with contextlib.suppress(*errors):
+                        async with asyncio.timeout(2):
+                            await self._announce("Disconnect")
                 if own:
                     await channel.close()
         finally:

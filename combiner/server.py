@@ -217,12 +217,7 @@ class Replica:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        try:
-            # Seen once under load after a client refused our certificate mid-handshake:
-            # grpc's stop never completed. A replica going away must not hang its owner.
-            await asyncio.wait_for(self.server.stop(grace), grace + 10)
-        except TimeoutError:
-            log.warning("gRPC server did not stop within %.0fs; leaving it", grace + 10)
+        await self.server.stop(grace)
         if self.auth is not None:
             await self.auth.stop()
         await self.models.cache.close()

@@ -3,6 +3,8 @@ and a real Redis answers them."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
@@ -45,3 +47,32 @@ async def test_a_real_redis_answers_packed_commands(redis_url, prefix):
         await client.delete(key, f"{key}:list")
     finally:
         await client.aclose()
+
+
+async def test_a_cancelled_command_is_never_carried_on_as_if_not_cancelled(redis_url, prefix):
+    """Python 3.11's wait_for, which redis-py wraps every write in, returned normally in about
+    one cancelled call in ten under load; a task stopped with cancel() then kept running. The
+    cancellation is sent at every loop turn of a command in turn, so the turn where the write
+    finishes is among them."""
+    client = make_client(redis_url)
+    carried_on = []
+    try:
+        for turns in range(40):
+            for _ in range(5):
+
+                async def command():
+                    await client.set(f"{prefix}:k", "v")
+                    return asyncio.current_task().cancelling()
+
+                task = asyncio.create_task(command())
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                task.cancel()
+                try:
+                    if await task:  # it returned although cancel() reached it
+                        carried_on.append(turns)
+                except asyncio.CancelledError:
+                    pass
+    finally:
+        await client.aclose()
+    assert carried_on == []

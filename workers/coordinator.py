@@ -95,7 +95,8 @@ class Coordinator:
             except BrokerError as exc:
                 log.warning("coordinator: %s", exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.poll_every * 2)
+                async with asyncio.timeout(self.poll_every * 2):
+                    await stop.wait()
 
     async def drive_with_lease(self, session_id: str) -> None:
         sessions = self.broker.sessions

@@ -56,7 +56,8 @@ class Worker:
             except BrokerError as exc:
                 log.warning("liveness: %s", exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), 5)
+                async with asyncio.timeout(5):
+                    await self.stop_event.wait()
 
     async def upkeep(self) -> None:
         """Keep this worker's record (roles' health) fresh for `combiner status`."""
@@ -64,7 +65,8 @@ class Worker:
         while not self.stop_event.is_set():
             await self.register(lease)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), lease / 3)
+                async with asyncio.timeout(lease / 3):
+                    await self.stop_event.wait()
 
     async def register(self, lease: float) -> None:
         try:
