@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -121,7 +122,7 @@ class CertificateFiles:
             try:
                 pair = load_pair(self.cert_path, self.key_path)
                 for context in self._contexts:
-                    _load_into(context, self.cert_path, self.key_path)
+                    _load_into(context, pair)
             except (TLSConfigError, ssl.SSLError, OSError) as exc:
                 # Mid-renewal (cert written, key not yet) or broken: keep the old pair.
                 if stamp != self._failed_stamp:
@@ -171,7 +172,7 @@ class CertificateFiles:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(list(alpn))
         with self._lock:
-            _load_into(context, self.cert_path, self.key_path)
+            _load_into(context, self.pair)
             self._contexts.append(context)
         return context
 
@@ -185,11 +186,16 @@ class CertificateFiles:
                 log.exception("TLS certificate check failed")
 
 
-def _load_into(context: ssl.SSLContext, cert_path: str, key_path: str) -> None:
-    # Load into a scratch context first: a failed load_cert_chain may leave the live
-    # context with the new chain and the old key.
-    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
-    context.load_cert_chain(cert_path, key_path)
+def _load_into(context: ssl.SSLContext, pair: Pair) -> None:
+    # From the bytes load_pair checked, not from the paths again: a renewal written between
+    # the check and this load gave the live context the new chain with the old key, and every
+    # handshake failed (seen in tests/test_tls.py). ssl loads only from files, so the pair
+    # goes through one private temporary file, gone when this returns.
+    with tempfile.TemporaryDirectory(prefix="combiner-tls-") as scratch:  # mode 0700
+        both = os.path.join(scratch, "pair.pem")
+        with open(os.open(both, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(pair.key + b"\n" + pair.cert)
+        context.load_cert_chain(both)
 
 
 def from_options(cert: str, key: str) -> CertificateFiles | None:
