@@ -1,7 +1,8 @@
 """The Broker: the one object the front end and the workers hold to reach Redis.
 
 Its public names are its parts (presence, tasks, inbound, models, wakeups, sessions,
-replicas, workers, credentials), ``replica_id``, ``pipeline_counters`` and start/close/ping;
+replicas, workers, credentials, catalog, files), ``replica_id``, ``pipeline_counters`` and
+start/close/ping;
 the client, key schema, scripts, batcher and settings are private (tests/test_layout.py
 keeps combiner/ and workers/ off them). Tests and benchmarks that must look at Redis itself
 (to assert what was or was not written) may read ``_redis``, ``_keys`` and ``_batcher``;
@@ -20,9 +21,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from broker.batching import Batcher
+from broker.catalog import Catalog
 from broker.connection import with_hiredis_packing
 from broker.context import Context, Settings
 from broker.credentials import Credentials
+from broker.files import FileUploads
 from broker.inbound import Inbound
 from broker.keys import Keys
 from broker.models import ModelStore
@@ -83,6 +86,8 @@ class Broker:
         self.replicas = Replicas(self._ctx, self.replica_id, self.presence)
         self.workers = Workers(self._ctx)
         self.credentials = Credentials(self._ctx)
+        self.catalog = Catalog(self._ctx)
+        self.files = FileUploads(self._ctx)
         self.pipeline_counters = PipelineCounters(self._batcher)
 
     async def start(self) -> None:

@@ -46,6 +46,17 @@ P:session:S:round:R:tasks          hash    training correlation id -> client id
 P:session:S:round:R:validations    hash    validation correlation id -> client id
 P:session:S:rec:KIND               hash    stream entry id -> record (metrics, ...)
 P:{c:C}:rec:KIND                   list    the client's latest records (capped)
+P:catalog:models                   zset    global model id -> committed (seeds, round models)
+P:catalog:model:M                  hash    model_id, parent_model, session_id, round_id,
+                                           name, committed_at (broker/catalog.py)
+P:packages                         zset    compute package id -> committed
+P:package:K                        hash    package_id, name, file_name, checksum, model_id
+                                           (where its bytes are), helper, description
+P:packages:active                  string  the active package's id
+P:file:U                           hash    an HTTP file upload: file_name, file_size,
+                                           received, state (expires, broker/files.py)
+P:file:U:chunks                    list    its chunks (expires)
+P:session-names                    hash    session name -> session id
 P:auth:token:I                     hash    refresh token I (first 16 hex of its SHA-256):
                                            hash, client_id, role, created, expires, status
 P:auth:tokens                      zset    token id -> created (unix seconds)
@@ -186,6 +197,35 @@ class Keys:
 
     def session_records(self, session_id: str, kind: str) -> str:
         return f"{self.session(session_id)}:rec:{kind}"
+
+    # the control plane's catalog (broker/catalog.py) and uploads (broker/files.py)
+    @property
+    def catalog_models(self) -> str:
+        return f"{self.prefix}:catalog:models"
+
+    def catalog_model(self, model_id: str) -> str:
+        return f"{self.prefix}:catalog:model:{encode_id(model_id)}"
+
+    @property
+    def packages(self) -> str:
+        return f"{self.prefix}:packages"
+
+    def package(self, package_id: str) -> str:
+        return f"{self.prefix}:package:{encode_id(package_id)}"
+
+    @property
+    def active_package(self) -> str:
+        return f"{self.prefix}:packages:active"
+
+    def file(self, upload_id: str) -> str:
+        return f"{self.prefix}:file:{encode_id(upload_id)}"
+
+    def file_chunks(self, upload_id: str) -> str:
+        return f"{self.file(upload_id)}:chunks"
+
+    @property
+    def session_names(self) -> str:
+        return f"{self.prefix}:session-names"
 
     # credentials (broker/credentials.py)
     def token(self, token_id: str) -> str:

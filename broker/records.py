@@ -41,10 +41,12 @@ FINAL_TASK_STATES = frozenset(
 
 
 class SessionStatus(StrEnum):
+    CREATED = "created"  # by the API's POST sessions/, waiting for POST sessions/start
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    STOPPED = "stopped"  # by the API's control/stop, at the end of the round it was in
 
 
 # Sessions a worker still has to drive.
@@ -168,6 +170,7 @@ class SessionRecord(_HashRecord):
     """``P:session:S``: created by `session start`, advanced by the coordinator."""
 
     id: str = ""
+    name: str = ""
     status: str = SessionStatus.QUEUED
     config: dict = field(default_factory=dict)  # stored as JSON
     seed_model_id: str = ""
@@ -216,6 +219,7 @@ class RoundRecord(_HashRecord):
     aggregated: str = ""  # JSON list of the clients whose update was averaged
     rejected: str = ""  # JSON map client id -> why its update was not used
     reason: str = ""
+    opt_state: str = ""  # FedOpt: the model id holding the optimizer state after this round
     started_at: str = ""
     aggregated_at: str = ""
     finished_at: str = ""

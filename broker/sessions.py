@@ -9,7 +9,7 @@ import time
 import uuid
 
 from broker.context import Context, now_str, text, text_map
-from broker.errors import InvalidInput
+from broker.errors import InvalidInput, NotFound
 from broker.limits import check_ids
 from broker.records import ACTIVE_SESSION_STATES, RoundRecord, SessionRecord, SessionStatus
 
@@ -20,13 +20,19 @@ class Sessions:
 
     # --- sessions ------------------------------------------------------------------------
 
-    async def create(self, config: dict, seed_model_id: str, session_id: str = "") -> str:
+    async def create(
+        self, config: dict, seed_model_id: str, session_id: str = "", name: str = "",
+        status: SessionStatus = SessionStatus.QUEUED,
+    ) -> str:  # fmt: skip
+        """A new session (QUEUED: a worker drives it at once; CREATED: once started).
+        Ids and names are unique: a taken one is refused and nothing is written."""
         session_id = session_id or str(uuid.uuid4())
         check_ids(session_id=session_id, seed_model_id=seed_model_id)
         keys = self._ctx.keys
         record = SessionRecord(
             id=session_id,
-            status=SessionStatus.QUEUED,
+            name=name,
+            status=status,
             config=config,
             seed_model_id=seed_model_id,
             model_id=seed_model_id,
@@ -35,16 +41,56 @@ class Sessions:
         ).to_hash()
 
         async def write():
+            if await self._ctx.redis.exists(keys.session(session_id)):
+                return "id"
+            if name and not await self._ctx.redis.hsetnx(keys.session_names, name, session_id):
+                return "name"
             pipe = self._ctx.redis.pipeline(transaction=True)
             pipe.hsetnx(keys.session(session_id), "id", session_id)
             pipe.hset(keys.session(session_id), mapping=record)
             pipe.zadd(keys.sessions, {session_id: time.time()})
             created, *_ = await pipe.execute()
-            return created
+            return "ok" if created else "id"
 
-        if not await self._ctx.call(write):
+        outcome = await self._ctx.call(write)
+        if outcome == "id":
             raise InvalidInput(f"session {session_id!r} already exists")
+        if outcome == "name":
+            raise InvalidInput(f"a session named {name!r} exists already")
         return session_id
+
+    async def by_name(self, name: str) -> str:
+        return text(await self._ctx.call(self._ctx.redis.hget, self._ctx.keys.session_names, name))
+
+    async def count(self) -> int:
+        return int(await self._ctx.call(self._ctx.redis.zcard, self._ctx.keys.sessions))
+
+    async def newest(self, limit: int | None = None) -> list[str]:
+        end = -1 if not limit else limit - 1
+        ids = await self._ctx.call(self._ctx.redis.zrevrange, self._ctx.keys.sessions, 0, end)
+        return [text(i) for i in ids]
+
+    async def start(self, session_id: str, rounds: int | None = None, **config) -> str:
+        """Queue a CREATED session, or continue an ended one for `rounds` more rounds from
+        its current model. Returns what happened: 'started' or 'continued'."""
+        record = await self.get(session_id)
+        if record is None:
+            raise NotFound(f"no session {session_id!r}")
+        if record.active:
+            raise InvalidInput(f"session {session_id!r} is {record.status} already")
+        merged = {**record.config, **config}
+        fields: dict = {"status": SessionStatus.QUEUED}
+        if record.status == SessionStatus.CREATED:
+            outcome = "started"
+            if rounds is not None:
+                merged["rounds"] = rounds
+        else:
+            outcome = "continued"
+            merged["rounds"] = record.round_number - 1 + (rounds or 1)
+            fields.update(error="", finished_at="")
+        fields["config"] = merged
+        await self.update(session_id, **fields)
+        return outcome
 
     async def get(self, session_id: str) -> SessionRecord | None:
         raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.session(session_id))

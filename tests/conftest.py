@@ -14,6 +14,7 @@ from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from combiner.server import Replica, ServeOptions
 from tests import tokens
 from tests.services import redis_for_tests
+from workers.runner import Worker
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +155,23 @@ async def next_task(call, within: float = 10.0):
         return await asyncio.wait_for(read(), within)
     except TimeoutError:
         raise AssertionError(f"no task on the stream within {within}s") from None
+
+
+@pytest.fixture
+async def make_worker(redis_url, prefix):
+    workers = []
+
+    async def start(**kw):
+        b = await connect(redis_url, settings=Settings(prefix=prefix, offline_after=3.0))
+        w = Worker(b, poll_every=0.1, **kw)
+        task = asyncio.create_task(w.run())
+        workers.append((w, task, b))
+        return w, task
+
+    yield start
+    for w, task, b in workers:
+        w.stop_event.set()
+        with contextlib.suppress(TimeoutError):  # a test may have cancelled it already
+            async with asyncio.timeout(5):
+                await asyncio.gather(task, return_exceptions=True)
+        await b.close()

@@ -6,17 +6,13 @@ import asyncio
 import contextlib
 
 import numpy as np
-import pytest
 
-from broker import connect
-from broker.context import Settings
 from combiner.pb import scaleout_pb2 as pb
 from combiner.refclient import ReferenceClient
 from combiner.views import session_view
 from tests.conftest import meta
 from tests.services import eventually
 from workers.fedavg import load_npz, save_npz
-from workers.runner import Worker
 
 SEED = [np.arange(10, dtype=np.float32), np.ones((2, 3), dtype=np.float32)]
 # client -> (constant added to every array, num_examples)
@@ -49,25 +45,6 @@ async def running(*coros_or_clients, stop: asyncio.Event):
                 await asyncio.wait_for(t, 5)
             if not t.done():
                 t.cancel()
-
-
-@pytest.fixture
-async def make_worker(redis_url, prefix):
-    workers = []
-
-    async def start(**kw):
-        b = await connect(redis_url, settings=Settings(prefix=prefix, offline_after=3.0))
-        w = Worker(b, poll_every=0.1, **kw)
-        task = asyncio.create_task(w.run())
-        workers.append((w, task, b))
-        return w, task
-
-    yield start
-    for w, task, b in workers:
-        w.stop_event.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
-        await b.close()
 
 
 async def start_session(broker, rounds=2, **cfg):

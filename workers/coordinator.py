@@ -23,9 +23,10 @@ import random
 import time
 import uuid
 
-from broker import Broker, BrokerError, BrokerUnavailable
+from broker import Broker, BrokerError, BrokerUnavailable, Conflict
 from broker.records import RoundRecord, RoundStatus, SessionStatus, TaskRecord
-from workers.fedavg import BadUpdate, StreamingMean, release_large_buffers, save_npz
+from workers.aggregators import make_aggregator
+from workers.fedavg import BadUpdate, StreamingMean, load_npz, release_large_buffers, save_npz
 from workers.metrics import ROUND_SECONDS, ROUNDS
 
 log = logging.getLogger("workers.coordinator")
@@ -48,6 +49,10 @@ class LeaseLost(Exception):
 
 DEFAULTS = {
     "rounds": 1,
+    "aggregator": "fedavg",  # workers/aggregators.py
+    "aggregator_kwargs": {},
+    "buffer_size": -1,  # > 0: the round's training ends once this many updates were kept
+    "delete_models_storage": False,  # delete the round's client updates once aggregated
     "min_clients": 1,
     "max_clients": 100,
     "round_timeout": 180.0,
@@ -150,7 +155,7 @@ class Coordinator:
         model_id = record.model_id
         r = record.round_number
         try:
-            while r <= int(cfg["rounds"]):
+            while r <= int(cfg["rounds"]) and not await self._stopped(session_id):
                 model_id = await self.run_round(session_id, str(r), model_id, cfg)
                 r += 1
                 await sessions.update(session_id, current_round=r, model_id=model_id)
@@ -163,11 +168,18 @@ class Coordinator:
                 finished_at=f"{time.time():.3f}",
             )
         else:
-            log.info("session %s completed; final model %s", session_id, model_id)
-            await sessions.update(
-                session_id, status=SessionStatus.COMPLETED, finished_at=f"{time.time():.3f}"
-            )
+            if await self._stopped(session_id):  # control/stop: it keeps its status
+                log.info("session %s stopped after round %d", session_id, r - 1)
+            else:
+                log.info("session %s completed; final model %s", session_id, model_id)
+                await sessions.update(
+                    session_id, status=SessionStatus.COMPLETED, finished_at=f"{time.time():.3f}"
+                )
         await sessions.expire_session(session_id, int(cfg["rounds"]))
+
+    async def _stopped(self, session_id: str) -> bool:
+        record = await self.broker.sessions.get(session_id)
+        return record is None or record.status == SessionStatus.STOPPED
 
     # --- a round ---------------------------------------------------------------------------
 
@@ -193,7 +205,7 @@ class Coordinator:
         if status == RoundStatus.COLLECTING:
             rnd = await sessions.round(session_id, round_id)
             tasks = await sessions.round_tasks(session_id, round_id, "tasks")
-            await self.collect(tasks, float(rnd.deadline))
+            await self.collect(tasks, float(rnd.deadline), int(cfg["buffer_size"]))
             await sessions.update_round(session_id, round_id, status=RoundStatus.AGGREGATING)
             status = RoundStatus.AGGREGATING
         if status == RoundStatus.AGGREGATING:
@@ -276,15 +288,17 @@ class Coordinator:
             correlation_ids=list(tasks),
         )
 
-    async def collect(self, tasks: dict[str, str], deadline: float) -> None:
-        """Wait until each task has settled; time out the rest at the deadline."""
+    async def collect(self, tasks: dict[str, str], deadline: float, buffer_size: int = -1) -> None:
+        """Wait until each task has settled; time out the rest at the deadline. With a
+        buffer_size > 0, the rest are timed out as soon as that many updates were kept."""
         queues = self.broker.tasks
         while True:
             records = await queues.records(tasks)
             online = set(await self.broker.presence.online())
-            open_ = []
+            open_, kept = [], 0
             for corr, raw in records.items():
                 rec = TaskRecord.from_hash(raw)
+                kept += bool(rec.model_update_id)
                 if rec.settled or rec.flag == "timeout":
                     continue
                 if tasks[corr] not in online or not raw:  # no record: it expired
@@ -293,7 +307,7 @@ class Coordinator:
                 open_.append(corr)
             if not open_:
                 return
-            if time.time() >= deadline:
+            if time.time() >= deadline or 0 < buffer_size <= kept:
                 for corr in open_:
                     await queues.flag(corr, "timeout")
                 return
@@ -306,45 +320,90 @@ class Coordinator:
             corr: TaskRecord.from_hash(raw)
             for corr, raw in (await self.broker.tasks.records(tasks)).items()
         }
-        kept = sorted(
-            ((tasks[corr], rec) for corr, rec in records.items() if rec.model_update_id),
-            key=lambda item: item[0],
-        )
-        mean = StreamingMean()
+        arrived = [(tasks[corr], rec) for corr, rec in records.items() if rec.model_update_id]
+        kept = arrived
+        if int(cfg["buffer_size"]) > 0:  # the first buffer_size to arrive, on every attempt
+            kept = sorted(kept, key=lambda item: float(item[1].result_at or 0))
+            kept = kept[: int(cfg["buffer_size"])]
+        kept.sort(key=lambda item: item[0])
+        rnd = await sessions.round(session_id, round_id)
+        aggregator = await self._aggregator(session_id, round_id, rnd.model_in, cfg)
         used, rejected = [], {}
-        for client, rec in kept:
-            weight = update_weight(rec.result_meta)
-            if weight is None:
-                rejected[client] = "missing or invalid meta.training_metadata.num_examples"
-                continue
-            try:
-                data = await models.get(rec.model_update_id)
-                await asyncio.to_thread(mean.add_npz, data, weight)
-                del data  # else it lives on while the next update is fetched
-            except BrokerUnavailable:
-                raise  # pause the session; the next attempt redoes this aggregation
-            except (BadUpdate, BrokerError) as exc:  # e.g. the update's model is gone
-                rejected[client] = str(exc)
-                continue
-            used.append(client)
-        if rejected:
-            log.warning("session %s round %s rejected: %s", session_id, round_id, rejected)
-        await sessions.update_round(
-            session_id, round_id, rejected=json.dumps(rejected), updates=len(used)
-        )
-        if not used:
-            await self._fail(session_id, round_id, "no model updates arrived")
-        blob = await asyncio.to_thread(save_npz, mean.result())
+        try:
+            for client, rec in kept:
+                weight = update_weight(rec.result_meta)
+                if weight is None:
+                    rejected[client] = "missing or invalid meta.training_metadata.num_examples"
+                    continue
+                try:
+                    data = await models.get(rec.model_update_id)
+                    await asyncio.to_thread(aggregator.add_npz, data, weight)
+                    del data  # else it lives on while the next update is fetched
+                except BrokerUnavailable:
+                    raise  # pause the session; the next attempt redoes this aggregation
+                except (BadUpdate, BrokerError) as exc:  # e.g. the update's model is gone
+                    rejected[client] = str(exc)
+                    continue
+                used.append(client)
+            if rejected:
+                log.warning("session %s round %s rejected: %s", session_id, round_id, rejected)
+            await sessions.update_round(
+                session_id, round_id, rejected=json.dumps(rejected), updates=len(used)
+            )
+            if not used:
+                await self._fail(session_id, round_id, "no model updates arrived")
+            result = await asyncio.to_thread(aggregator.result)
+            blob = await asyncio.to_thread(save_npz, result)
+            del result
+        finally:
+            close = getattr(aggregator, "close", None)
+            if close is not None:
+                close()
         new_id = await models.put(blob)
         stored = await sessions.set_round_once(session_id, round_id, "model_out", new_id)
         if stored != new_id:  # an earlier attempt already published this round's model
             await models.delete(new_id)
+        if hasattr(aggregator, "state_bytes"):  # the server optimizer's state, for round + 1
+            await self._keep_state(session_id, round_id, aggregator.state_bytes())
+        # The model trail (control plane): this round's model is a child of its input.
+        await self.broker.catalog.add_model(
+            stored, parent=rnd.model_in, session_id=session_id, round_id=round_id
+        )
         await sessions.update_round(
             session_id,
             round_id,
             aggregated=json.dumps(used),
             aggregated_at=f"{time.time():.3f}",
         )
+        if cfg["delete_models_storage"]:  # every update that arrived, used or not
+            for _, rec in arrived:
+                await models.delete(rec.model_update_id)
+
+    async def _aggregator(self, session_id: str, round_id: str, model_in: str, cfg: dict):
+        """The session's aggregator; FedOpt starts from the state the previous round kept,
+        so a worker taking over a session continues its optimizer exactly."""
+        name = cfg["aggregator"]
+        if name == "fedavg":
+            return StreamingMean()
+        arrays = state = None
+        if name == "fedopt":
+            arrays = await asyncio.to_thread(load_npz, await self.broker.models.get(model_in))
+            if int(round_id) > 1:
+                previous = await self.broker.sessions.round(session_id, str(int(round_id) - 1))
+                if previous is not None and previous.opt_state:
+                    state = bytes(await self.broker.models.get(previous.opt_state))
+        try:
+            return make_aggregator(name, cfg["aggregator_kwargs"], arrays, state)
+        except ValueError as exc:
+            await self._fail(session_id, round_id, f"aggregator {name}: {exc}")
+
+    async def _keep_state(self, session_id: str, round_id: str, state: bytes) -> None:
+        state_id = f"{session_id}.{round_id}.opt"
+        try:
+            await self.broker.models.put(state, model_id=state_id)
+        except Conflict:  # an earlier attempt kept it (the same bytes, from the same inputs)
+            pass
+        await self.broker.sessions.set_round_once(session_id, round_id, "opt_state", state_id)
 
     async def _validate(self, session_id: str, round_id: str, cfg: dict) -> None:
         sessions = self.broker.sessions
