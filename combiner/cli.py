@@ -702,6 +702,7 @@ async def session_start(cfg: Config, **kw) -> None:
         raise click.BadParameter(f"--seed-model: {exc}") from exc
     async with open_broker(cfg) as broker:
         seed_id = await broker.models.put(data)
+        await broker.catalog.add_model(seed_id, name=pathlib.Path(kw["seed_model"]).name)
         config = {
             "rounds": kw["rounds"],
             "min_clients": kw["min_clients"],

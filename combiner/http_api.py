@@ -22,11 +22,13 @@ Routes and answers (every answer is JSON, errors are ``{"message": ...}``):
 ``POST /api/v1/clients/add`` with ``Authorization: Bearer <access token>``
     200 ``{"client_id": <the token's subject, whatever the body says>, "public_hostname",
     "internal_hostname", "port", "package": "local", "helper_type": "numpyhelper", "name"}``;
-    401 no or a bad access token; 406 ``package: "remote"`` (this tier serves no compute
-    packages: the 1.0.0 client stops with the message); 400 bad input; 203 when the token
-    cannot be checked now (Redis): the 1.0.0 client reads 203 as "package missing" and
-    retries every 3 s, the only answer it retries (any other status, 5xx included, makes it
-    stop, and an unknown one crashes it).
+    ``package`` is what the client asked: "remote" (no --local-package) fetches the active
+    compute package from ``/api/v1/packages/download`` (combiner/control_api.py).
+    401 no or a bad access token; 400 bad input; 203 for "remote" while no package was
+    uploaded yet, and when the token cannot be checked now (Redis): the 1.0.0 client reads
+    203 as "package missing" and retries every 3 s, the only answer it retries (any other
+    status, 5xx included, makes it stop, and an unknown one crashes it).
+The control-plane routes of the published APIClient: combiner/control_api.py.
 Anything else: 404, or 405 for a known path with another method; bodies over
 ``MAX_BODY`` bytes: 413. What does not even parse as HTTP (a header over
 ``MAX_HEADER_BYTES``, a broken request line) gets aiohttp's own plain-text 400 before any of
@@ -67,7 +69,7 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # request line only: no headers, no bo
 ADD_RETRY_STATUS = 203  # what the 1.0.0 client retries (every 3 s), see the docstring
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+def error(status: int, message: str, headers: dict | None = None) -> web.Response:
     return web.json_response({"message": message}, status=status, headers=headers)
 
 
@@ -86,10 +88,10 @@ async def json_errors(request: web.Request, handler):
             413: f"request body over {MAX_BODY} bytes",
         }.get(exc.status, exc.reason)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return _error(exc.status, message, headers)
+        return error(exc.status, message, headers)
     except Exception:
         log.exception("http: %s %s failed", request.method, request.path[:200])
-        return _error(500, "internal error")
+        return error(500, "internal error")
 
 
 class BadRequest(Exception):
@@ -196,6 +198,9 @@ class HttpApi:
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
         self.app.router.add_post("/api/auth/refresh", self.refresh)
         self.app.router.add_post("/api/v1/clients/add", self.add_client)
+        from combiner.control_api import ControlApi  # the APIClient's routes (docs/api.md)
+
+        ControlApi(self).add_routes(self.app.router)
 
     async def start(self) -> int:
         opts = self.opts
@@ -243,7 +248,7 @@ class HttpApi:
         address = self.remote(request)
         wait = self.limiter.retry_after(address)
         if wait > 0:
-            return _error(
+            return error(
                 429, "too many failed refreshes from this address, try later",
                 {"Retry-After": str(max(1, round(wait)))},
             )  # fmt: skip
@@ -253,21 +258,21 @@ class HttpApi:
             role = text_field(body, "role")
         except BadRequest as exc:
             self.limiter.failed(address)
-            return _error(400, str(exc))
+            return error(400, str(exc))
         if role and role not in tuple(Role):
             self.limiter.failed(address)
-            return _error(400, f"role must be one of {', '.join(Role)}")
+            return error(400, f"role must be one of {', '.join(Role)}")
         if self.opts.insecure:
-            return _error(400, "this tier runs with --insecure: tokens are off, start without one")
+            return error(400, "this tier runs with --insecure: tokens are off, start without one")
         if self.signing_key is None:
-            return _error(
+            return error(
                 503, "this replica has no signing key (--signing-key)", {"Retry-After": "5"}
             )
         try:
             record = await self.credentials.lookup(token)
         except BrokerError as exc:
             log.warning("http: refresh: cannot read the token store: %s", exc)
-            return _error(503, "token store unavailable, try again", {"Retry-After": "1"})
+            return error(503, "token store unavailable, try again", {"Retry-After": "1"})
         if record is None or not record.usable(time.time()):
             self.limiter.failed(address)
             if record is None:
@@ -280,11 +285,11 @@ class HttpApi:
                 "http: refresh refused from %s: %s%s", address, reason,
                 f" (token {record.id}, client {record.client_id[:80]!r})" if record else "",
             )  # fmt: skip
-            return _error(401, reason)
+            return error(401, reason)
         granted = role or record.role
         if granted != record.role and not (record.role == Role.ADMIN and granted == Role.CLIENT):
             self.limiter.failed(address)
-            return _error(403, f"this token's role is {record.role}, not {granted}")
+            return error(403, f"this token's role is {record.role}, not {granted}")
         access = self.signing_key.mint(record.client_id, granted, record.id, self.opts.access_ttl)
         log.debug("http: access token for client %r (token %s)", record.client_id, record.id)
         return web.json_response(
@@ -302,9 +307,9 @@ class HttpApi:
                 values = request.headers.getall("Authorization", ())
                 caller = await auth.verify(bearer([("authorization", v) for v in values]))
             except Unauthenticated as exc:
-                return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+                return error(401, str(exc), {"WWW-Authenticate": "Bearer"})
             except AuthUnavailable as exc:
-                return _error(ADD_RETRY_STATUS, f"{exc} (retrying)")
+                return error(ADD_RETRY_STATUS, f"{exc} (retrying)")
         try:
             body = await read_json(request)
             fields = {
@@ -312,13 +317,16 @@ class HttpApi:
                 for name in ("name", "client_id", "preferred_combiner", "package", "client_version")
             }
         except BadRequest as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         if fields["package"] == "remote":
-            return _error(
-                406, "this tier serves no compute packages: start the client with --local-package"
-            )
-        if fields["package"] not in ("", "local"):
-            return _error(400, "package must be 'local' or 'remote'")
+            try:
+                remote = bool(await self.replica.broker.catalog.active_package())
+            except BrokerError as exc:
+                return error(ADD_RETRY_STATUS, f"{exc} (retrying)")
+            if not remote:  # the client retries every 3 s until an operator uploads one
+                return error(ADD_RETRY_STATUS, "no compute package yet: upload one (docs/api.md)")
+        if fields["package"] not in ("", "local", "remote"):
+            return error(400, "package must be 'local' or 'remote'")
         if caller is not None:
             client_id = caller.client_id  # the token says who this is, not the body
         else:  # --insecure: the client's word
@@ -332,7 +340,7 @@ class HttpApi:
                 "public_hostname": host,
                 "internal_hostname": host,
                 "port": self.opts.public_port or self.replica.port,
-                "package": "local",
+                "package": fields["package"] or "local",
                 "helper_type": "numpyhelper",
             }
         )

@@ -15,7 +15,8 @@ checked against these rules:
 And between packages: broker/ imports neither combiner nor workers; workers/ does not import
 combiner; combiner/ imports workers only where it runs them or shares their model format:
 the CLI (`combiner worker` runs workers.runner; `session start` checks the seed model with
-workers.fedavg), the demo and its simulated clients (workers.fedavg writes and reads npz).
+workers.fedavg), the control API (it checks seed models and session settings as the workers
+will read them), the demo and its simulated clients (workers.fedavg writes and reads npz).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ BROKER_PRIVATE = {n for n in vars(_instance) if n.startswith("_")}
 # combiner module -> the workers modules it may import (see the module docstring)
 COMBINER_USES_WORKERS = {
     "combiner/cli.py": {"workers.runner", "workers.fedavg"},
+    "combiner/control_api.py": {"workers.aggregators", "workers.fedavg"},
     "combiner/demo.py": {"workers.fedavg"},
     "combiner/refclient.py": {"workers.fedavg"},
 }
