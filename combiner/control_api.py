@@ -103,6 +103,18 @@ def listing(items: list, total: int | None = None) -> web.Response:
     return web.json_response({"count": len(items) if total is None else total, "result": items})
 
 
+def limited(request: web.Request, found: list) -> web.Response:
+    """The first X-Limit of everything found, with the total count."""
+    return listing(found[: header_limit(request)], len(found))
+
+
+def by_id(found: list[dict], item_id: str, missing: str) -> web.Response:
+    for item in found:
+        if item["id"] == item_id:
+            return web.json_response(item)
+    raise ApiError(404, missing)
+
+
 def header_limit(request: web.Request) -> int | None:
     raw = request.headers.get("X-Limit")
     if raw is None or raw == "":
@@ -357,7 +369,7 @@ class ControlApi:
     @route()
     async def list_clients(self, request: web.Request) -> web.Response:
         clients = await self._clients(request)
-        return listing(clients[: header_limit(request)], len(clients))
+        return limited(request, clients)
 
     @route()
     async def count_clients(self, request: web.Request) -> web.Response:
@@ -394,7 +406,7 @@ class ControlApi:
     @route()
     async def list_combiners(self, request: web.Request) -> web.Response:
         combiners = await self._combiners()
-        return listing(combiners[: header_limit(request)], len(combiners))
+        return limited(request, combiners)
 
     @route()
     async def count_combiners(self, request: web.Request) -> web.Response:
@@ -402,10 +414,7 @@ class ControlApi:
 
     @route()
     async def get_combiners(self, request: web.Request) -> web.Response:
-        for c in await self._combiners():
-            if c["id"] == request.match_info["id"]:
-                return web.json_response(c)
-        raise ApiError(404, "no such live replica")
+        return by_id(await self._combiners(), request.match_info["id"], "no such live replica")
 
     @route()
     async def controller_status(self, request: web.Request) -> web.Response:
@@ -767,7 +776,7 @@ class ControlApi:
     @route()
     async def list_rounds(self, request: web.Request) -> web.Response:
         rounds = await self._rounds(request)
-        return listing(rounds[: header_limit(request)], len(rounds))
+        return limited(request, rounds)
 
     @route()
     async def count_rounds(self, request: web.Request) -> web.Response:
@@ -775,13 +784,11 @@ class ControlApi:
 
     @route()
     async def get_rounds(self, request: web.Request) -> web.Response:
-        session_id, _, round_id = request.match_info["id"].rpartition(":")
+        session_id, _, _ = request.match_info["id"].rpartition(":")
         if not session_id:
             raise BadRequest("a round id is <session id>:<round number>")
-        for rnd in await self._rounds(request.clone(rel_url=f"?session_id={session_id}")):
-            if rnd["round_id"] == round_id:
-                return web.json_response(rnd)
-        raise ApiError(404, "no such round")
+        rounds = await self._rounds(request.clone(rel_url=f"?session_id={session_id}"))
+        return by_id(rounds, request.match_info["id"], "no such round")
 
     async def _validations(self, request: web.Request) -> list[dict]:
         q = request.query
@@ -816,7 +823,7 @@ class ControlApi:
     @route()
     async def list_validations(self, request: web.Request) -> web.Response:
         found = await self._validations(request)
-        return listing(found[: header_limit(request)], len(found))
+        return limited(request, found)
 
     @route()
     async def count_validations(self, request: web.Request) -> web.Response:
@@ -824,10 +831,10 @@ class ControlApi:
 
     @route()
     async def get_validations(self, request: web.Request) -> web.Response:
-        for v in await self._validations(request):
-            if v["id"] == request.match_info["id"]:
-                return web.json_response(v)
-        raise ApiError(404, "no such validation (among the 50 newest sessions)")
+        return by_id(
+            await self._validations(request), request.match_info["id"],
+            "no such validation (among the 50 newest sessions)",
+        )  # fmt: skip
 
     async def _client_records(self, kind: str) -> list[dict]:
         out = []
@@ -857,7 +864,7 @@ class ControlApi:
     @route()
     async def list_statuses(self, request: web.Request) -> web.Response:
         found = await self._statuses(request)
-        return listing(found[: header_limit(request)], len(found))
+        return limited(request, found)
 
     @route()
     async def count_statuses(self, request: web.Request) -> web.Response:
@@ -865,10 +872,7 @@ class ControlApi:
 
     @route()
     async def get_statuses(self, request: web.Request) -> web.Response:
-        for s in await self._statuses(request):
-            if s["id"] == request.match_info["id"]:
-                return web.json_response(s)
-        raise ApiError(404, "no such status")
+        return by_id(await self._statuses(request), request.match_info["id"], "no such status")
 
     # --- predictions, attributes, custom commands ----------------------------------------
 
@@ -897,7 +901,7 @@ class ControlApi:
                         "correlation_id": rec.get("correlation_id", ""),
                         "sender": {"client_id": rec.get("client_id", ""), "role": "client",
                                    "name": rec.get("name", "")}})  # fmt: skip
-        return listing(out[: header_limit(request)], len(out))
+        return limited(request, out)
 
     @route()
     async def count_predictions(self, request: web.Request) -> web.Response:
