@@ -41,7 +41,7 @@ def memory() -> dict:
 async def fedavg(args) -> dict:
     from broker import connect
     from broker.context import Settings
-    from workers.coordinator import Coordinator
+    from workers.coordinator import DEFAULTS, Coordinator
 
     broker = await connect(args.redis_url, settings=Settings(prefix=args.prefix))
     try:
@@ -49,7 +49,7 @@ async def fedavg(args) -> dict:
         reset = reset_peak()
         before = memory()
         t = time.perf_counter()
-        await coordinator._aggregate(args.session, args.round, {})
+        await coordinator._aggregate(args.session, args.round, dict(DEFAULTS))
         seconds = time.perf_counter() - t
         after = memory()
         rnd = await broker.sessions.round(args.session, args.round)

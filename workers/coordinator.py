@@ -327,7 +327,8 @@ class Coordinator:
             kept = kept[: int(cfg["buffer_size"])]
         kept.sort(key=lambda item: item[0])
         rnd = await sessions.round(session_id, round_id)
-        aggregator = await self._aggregator(session_id, round_id, rnd.model_in, cfg)
+        model_in = rnd.model_in if rnd is not None else ""  # bench/aggregate.py keeps no round
+        aggregator = await self._aggregator(session_id, round_id, model_in, cfg)
         used, rejected = [], {}
         try:
             for client, rec in kept:
@@ -367,7 +368,7 @@ class Coordinator:
             await self._keep_state(session_id, round_id, aggregator.state_bytes())
         # The model trail (control plane): this round's model is a child of its input.
         await self.broker.catalog.add_model(
-            stored, parent=rnd.model_in, session_id=session_id, round_id=round_id
+            stored, parent=model_in, session_id=session_id, round_id=round_id
         )
         await sessions.update_round(
             session_id,
