@@ -364,7 +364,8 @@ class Client:
 @dataclass(frozen=True)
 class ApiSide:
     """A replica with tokens on and the HTTP side (`serve --http-port`), assigning clients
-    to public_host:public_port (HAProxy's address; 443 makes the 1.0.0 client use TLS).
+    to public_host:public_port (HAProxy's address; 443 makes the 1.0.0 client use TLS;
+    0: the replica's own gRPC port, clients attach to the replica that assigned them).
     Replicas that share signing_key (created by the first) mint tokens every one accepts."""
 
     public_host: str
@@ -465,8 +466,10 @@ class E2E:
         else:
             args += [
                 "--http-port", "0", "--public-host", api.public_host,
-                "--public-port", str(api.public_port), "--signing-key", str(api.signing_key),
+                "--signing-key", str(api.signing_key),
             ]  # fmt: skip
+            if api.public_port:
+                args += ["--public-port", str(api.public_port)]
         log = self.tmp / ("combiner.log" if n == 1 else f"combiner-{n}.log")
         server = self._track(Proc(f"combiner serve #{n}", args, self.tmp, clean_env(), log))
         self.servers.append(server)
@@ -645,6 +648,7 @@ class E2E:
         env: dict[str, str] | None = None,
         hold_dir: Path | None = None,
         hold_calls: str = "",
+        local_package: bool = True,
     ) -> Client:
         """The unmodified published CLI in API mode, no driver:
         `scaleout client start --api-url URL --token T --client-id ID --name N --local-package`
@@ -654,10 +658,15 @@ class E2E:
         the client to a replica address (§15). env adds to the environment (the TLS roots:
         REQUESTS_CA_BUNDLE for the HTTP side, SCALEOUT_GRPC_ROOT_CERT_PATH or
         GRPC_DEFAULT_SSL_ROOTS_FILE_PATH for gRPC). Its token cache and $HOME are its own
-        folder, so nothing is read from or left in ~/.scaleout."""
+        folder, so nothing is read from or left in ~/.scaleout. Without local_package the
+        CLI runs without --local-package from an empty folder: it downloads the active
+        compute package (URL/api/v1/packages/download), checks its checksum and runs it."""
         name = f"{client_id}-name"
         home = self.tmp / client_id
-        shutil.copytree(CLIENT_PACKAGE, home / "client")
+        if local_package:
+            shutil.copytree(CLIENT_PACKAGE, home / "client")
+        else:
+            home.mkdir(parents=True)
         extra = {"SCALEOUT_TOKEN_CACHE_DIR": str(home / "tokens"), "HOME": str(home)}
         full_env = client_env(
             delta=delta, num_examples=num_examples, hold_dir=hold_dir, hold_calls=hold_calls
@@ -671,8 +680,10 @@ class E2E:
         full_env.update(extra, **(env or {}))
         args = [
             str(SCALEOUT_CLI), "client", "start", "--api-url", api_url, "--token", token,
-            "--client-id", client_id, "--name", name, "--local-package",
+            "--client-id", client_id, "--name", name,
         ]  # fmt: skip
+        if local_package:
+            args.append("--local-package")
         proc = self._track(
             Proc(f"client {client_id} (CLI)", args, home, full_env, home / "client.log")
         )
