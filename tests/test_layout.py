@@ -38,7 +38,8 @@ BROKER_PRIVATE = {n for n in vars(_instance) if n.startswith("_")}
 # combiner module -> the workers modules it may import (see the module docstring)
 COMBINER_USES_WORKERS = {
     "combiner/cli.py": {"workers.runner", "workers.fedavg"},
-    "combiner/control_api.py": {"workers.aggregators", "workers.fedavg"},
+    "combiner/api_shapes.py": {"workers.aggregators"},  # session configs are checked up front
+    "combiner/control_api.py": {"workers.fedavg"},
     "combiner/demo.py": {"workers.fedavg"},
     "combiner/refclient.py": {"workers.fedavg"},
 }
