@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo serve test lint bench clean
+.PHONY: demo serve test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: lint
 # The benchmark suite with same-run baselines (bench/README.md); ARGS=--quick for a short run
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench $(ARGS)
+
+# The generated docs: the CLI reference and the HTTP side's OpenAPI description
+docs: $(STAMP)
+	$(VENV)/bin/python -m combiner.cli_docs docs/configuration.md
+	$(VENV)/bin/combiner openapi > docs/openapi.json
 
 clean:
 	rm -rf $(VENV) .cache .combiner .pytest_cache .ruff_cache

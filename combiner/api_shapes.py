@@ -15,6 +15,7 @@ from aiohttp import web
 
 from broker.records import SessionStatus
 from combiner.http_api import BadRequest
+from combiner.openapi import BOOL, INT, NUM, STR, obj
 from workers.aggregators import AGGREGATORS, check_config
 
 MAX_CHUNK = 4 * 1024 * 1024  # the APIClient sends 900 KiB chunks (less after a 413)
@@ -110,6 +111,16 @@ def bool_field(body: dict, name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise BadRequest(f"{name} must be true or false")
     return value
+
+
+SESSION_CONFIG = obj(
+    aggregator={"enum": list(AGGREGATORS)},
+    aggregator_kwargs={"type": "object", "nullable": True},
+    rounds=INT, round_timeout=NUM, buffer_size=INT, model_id=STR,
+    delete_models_storage=BOOL, clients_required=INT, requested_clients=INT, validate=BOOL,
+    helper_type={"type": "string", "nullable": True},
+    server_functions={"type": "string", "nullable": True},
+)  # fmt: skip
 
 
 def session_config(raw) -> dict:

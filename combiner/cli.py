@@ -781,6 +781,20 @@ async def status(cfg: Config, **kw) -> None:
 
 
 @main.command()
+def openapi() -> None:
+    """Print the OpenAPI description of a replica's HTTP side: what every replica serves at
+    GET /api/openapi.json (docs/openapi.json holds a copy). Needs no Redis."""
+
+    async def describe() -> dict:
+        from combiner.server import Replica, ServeOptions
+
+        # a replica that is never started: only its route table is read
+        return Replica(Broker(None), ServeOptions(http_port=0)).http.openapi()
+
+    click.echo(json.dumps(asyncio.run(describe()), indent=2))
+
+
+@main.command()
 @option("--redis-url", default=None, help="Redis to use (default: an embedded redis-server).")
 @option(
     "--state-dir",

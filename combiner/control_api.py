@@ -32,6 +32,7 @@ from combiner.api_shapes import (
     HELPER,
     MAX_CHUNK,
     SAFE_FILE,
+    SESSION_CONFIG,
     ApiError,
     api_config,
     by_id,
@@ -49,6 +50,7 @@ from combiner.api_shapes import (
 )  # fmt: skip
 from combiner.auth import AuthUnavailable, Unauthenticated, bearer
 from combiner.http_api import BadRequest, error, read_json, text_field
+from combiner.openapi import INT, LIMIT, NUM, STR, Doc, obj
 from combiner.views import session_view
 from workers.fedavg import BadUpdate, load_npz
 
@@ -57,13 +59,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("combiner.control")
 
+MAX_FANOUT = 10_000  # client_ids of one run_command or start_predictions
+
 BROKER_STATUS = {NotFound: 404, InvalidInput: 400, TooLarge: 413, Conflict: 409,
                  Forbidden: 403, NotReady: 409}  # fmt: skip
 
 
-def route(admin: bool = True):
+def route(admin: bool = True, **doc):
     """Checks the caller's token (an admin's unless admin=False) before the handler runs,
-    and turns every refusal into a JSON 4xx (a Redis outage: 503 with Retry-After)."""
+    and turns every refusal into a JSON 4xx (a Redis outage: 503 with Retry-After). doc is
+    the handler's entry in the OpenAPI description (combiner/openapi.py's Doc)."""
 
     def wrap(handler):
         @functools.wraps(handler)
@@ -81,9 +86,18 @@ def route(admin: bool = True):
                 return error(BROKER_STATUS.get(type(exc), 400), str(exc))
 
         run.admin_only = admin
+        run.doc = Doc(auth="admin" if admin else "token", **doc)
         return run
 
     return wrap
+
+
+VALIDATION_FILTERS = {
+    name: STR
+    for name in ("session_id", "model_id", "correlation_id", "sender.name", "sender.role",
+                 "sender.client_id")
+}  # fmt: skip
+STATUS_FILTERS = {n: STR for n in ("session_id", "type", "sender.name", "sender.role")}
 
 
 class ControlApi:
@@ -147,7 +161,7 @@ class ControlApi:
             raise ApiError(403, "this route needs an admin token (combiner token create "
                            "--role admin)")  # fmt: skip
 
-    @route()
+    @route(summary="Routes of the hosted product this tier does not serve: a 4xx with the reason")
     async def refused(self, request: web.Request) -> web.Response:
         raise ApiError(
             400 if request.method == "POST" else 404,
@@ -176,16 +190,25 @@ class ControlApi:
             c["name"], c["combiner"] = rec.get("name", ""), rec.get("replica", "")
         return [c for c in out if c["combiner"] == combiner] if combiner else out
 
-    @route()
+    @route(
+        summary="Clients seen, newest first",
+        query={"status": {"enum": ["online", "offline"]}, "combiner": STR},
+        headers=LIMIT,
+        answers="list",
+    )
     async def list_clients(self, request: web.Request) -> web.Response:
         clients = await self._clients(request)
         return limited(request, clients)
 
-    @route()
+    @route(
+        summary="How many clients were seen",
+        query={"status": {"enum": ["online", "offline"]}, "combiner": STR},
+        answers="count",
+    )
     async def count_clients(self, request: web.Request) -> web.Response:
         return web.json_response(len(await self._clients(request)))
 
-    @route()
+    @route(summary="One client: name, online or offline, its replica, last seen")
     async def get_clients(self, request: web.Request) -> web.Response:
         client_id = request.match_info["id"]
         record = await self.broker.presence.client(client_id)
@@ -213,20 +236,20 @@ class ControlApi:
             for r in await self.broker.replicas.alive()
         ]
 
-    @route()
+    @route(summary="The live replicas", headers=LIMIT, answers="list")
     async def list_combiners(self, request: web.Request) -> web.Response:
         combiners = await self._combiners()
         return limited(request, combiners)
 
-    @route()
+    @route(summary="How many replicas are live", answers="count")
     async def count_combiners(self, request: web.Request) -> web.Response:
         return web.json_response(len(await self._combiners()))
 
-    @route()
+    @route(summary="One live replica")
     async def get_combiners(self, request: web.Request) -> web.Response:
         return by_id(await self._combiners(), request.match_info["id"], "no such live replica")
 
-    @route()
+    @route(summary="instructing while a session runs, else idle")
     async def controller_status(self, request: web.Request) -> web.Response:
         active = await self.broker.sessions.active()
         return web.json_response({"state": "instructing" if active else "idle",
@@ -234,7 +257,12 @@ class ControlApi:
 
     # --- models --------------------------------------------------------------------------
 
-    @route()
+    @route(
+        summary="Global models (seeds and round models)",
+        query={"session_id": STR},
+        headers={**LIMIT, "X-Sort-Key": STR, "X-Sort-Order": {"enum": ["asc", "desc"]}},
+        answers="list",
+    )
     async def list_models(self, request: web.Request) -> web.Response:
         limit = header_limit(request)
         key = request.headers.get("X-Sort-Key", "committed_at")
@@ -249,7 +277,7 @@ class ControlApi:
         total = len(models) if session_id else await catalog.model_count()
         return listing([model_dto(m) for m in models], total)
 
-    @route()
+    @route(summary="How many global models", answers="count")
     async def count_models(self, request: web.Request) -> web.Response:
         return web.json_response(await self.broker.catalog.model_count())
 
@@ -259,11 +287,16 @@ class ControlApi:
             raise ApiError(404, f"no model {model_id[:100]!r} in the catalog")
         return entry
 
-    @route()
+    @route(summary="One global model: parent, session, round")
     async def get_models(self, request: web.Request) -> web.Response:
         return web.json_response(model_dto(await self._model(request.match_info["id"])))
 
-    @route()
+    @route(
+        summary="The model trail: the model and its parents back to the seed",
+        query={"include_self": {"enum": ["true", "false"]}},
+        headers={**LIMIT, "X-Reverse": {"enum": ["true", "false"]}},
+        answers="array",
+    )
     async def model_ancestors(self, request: web.Request) -> web.Response:
         model_id = request.match_info["id"]
         await self._model(model_id)
@@ -274,7 +307,7 @@ class ControlApi:
             trail.reverse()
         return web.json_response([model_dto(m) for m in trail])
 
-    @route()
+    @route(summary="A model's bytes (.npz)", answers="file")
     async def download_model(self, request: web.Request) -> web.StreamResponse:
         model_id = request.match_info["id"]
         meta, chunks = await self.broker.models.read(model_id)
@@ -293,7 +326,7 @@ class ControlApi:
         await response.write_eof()
         return response
 
-    @route()
+    @route(summary="The model format: only numpyhelper", body=obj("helper", helper=STR))
     async def set_helper(self, request: web.Request) -> web.Response:
         helper = text_field(await read_json(request), "helper", required=True)
         if helper != HELPER:
@@ -314,7 +347,10 @@ class ControlApi:
             return {k: v for k, v in (await read_json(request)).items() if isinstance(v, str)}
         return out
 
-    @route()
+    @route(
+        summary="set_active_model: a seed model from a completed upload",
+        form=obj("file_token", file_token=STR, helper=STR, name=STR),
+    )
     async def add_model(self, request: web.Request) -> web.Response:
         """set_active_model: a seed model from a completed upload; it becomes the active
         model (the newest in the catalog)."""
@@ -337,7 +373,10 @@ class ControlApi:
 
     # --- file uploads --------------------------------------------------------------------
 
-    @route()
+    @route(
+        summary="Begin a chunked upload",
+        body=obj("file_name", "file_size", file_name=STR, file_size=INT, chunk_size=INT),
+    )
     async def upload_init(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         file_name = text_field(body, "file_name", required=True)
@@ -346,7 +385,11 @@ class ControlApi:
         upload_id = await self.broker.files.init(file_name, size, self.max_bytes)
         return web.json_response({"upload_id": upload_id})
 
-    @route()
+    @route(
+        summary="One chunk of an upload",
+        headers={"X-Chunk-Index": {"type": "string", "pattern": "^[0-9]+$"}},
+        octets=True,
+    )
     async def upload_chunk(self, request: web.Request) -> web.Response:
         try:
             index = int(request.headers.get("X-Chunk-Index", ""))
@@ -369,12 +412,12 @@ class ControlApi:
         await self.broker.files.chunk(request.match_info["upload"], index, data)
         return web.json_response({"success": True, "chunk_index": index})
 
-    @route()
+    @route(summary="End an upload: answers the file token")
     async def upload_complete(self, request: web.Request) -> web.Response:
         token = await self.broker.files.complete(request.match_info["upload"])
         return web.json_response({"success": True, "file_token": token})
 
-    @route()
+    @route(summary="Drop an upload")
     async def upload_abort(self, request: web.Request) -> web.Response:
         upload_id = request.match_info["upload"]
         await self.broker.files.info(upload_id)
@@ -383,7 +426,12 @@ class ControlApi:
 
     # --- packages ------------------------------------------------------------------------
 
-    @route()
+    @route(
+        summary="set_active_package: a compute package (tar.gz holding scaleout.yaml)",
+        form=obj(
+            "file_token", file_token=STR, helper=STR, name=STR, description=STR, file_name=STR
+        ),
+    )
     async def add_package(self, request: web.Request) -> web.Response:
         form = await self._form(request)
         helper = form.get("helper") or HELPER
@@ -421,18 +469,18 @@ class ControlApi:
             raise ApiError(404, "no compute package" + (f" named {name[:100]!r}" if name else ""))
         return entry
 
-    @route()
+    @route(summary="Compute packages, newest first", headers=LIMIT, answers="list")
     async def list_packages(self, request: web.Request) -> web.Response:
         catalog = self.broker.catalog
         active = (await catalog.active_package()).get("package_id", "")
         packages = await catalog.packages(header_limit(request))
         return listing([package_dto(p, active) for p in packages], await catalog.package_count())
 
-    @route()
+    @route(summary="How many compute packages", answers="count")
     async def count_packages(self, request: web.Request) -> web.Response:
         return web.json_response(await self.broker.catalog.package_count())
 
-    @route()
+    @route(summary="One compute package")
     async def get_packages(self, request: web.Request) -> web.Response:
         catalog = self.broker.catalog
         entry = await catalog.package(request.match_info["id"])
@@ -441,17 +489,22 @@ class ControlApi:
         active = (await catalog.active_package()).get("package_id", "")
         return web.json_response(package_dto(entry, active))
 
-    @route()
+    @route(summary="The active compute package")
     async def active_package(self, request: web.Request) -> web.Response:
         entry = await self._active_package()
         return web.json_response(package_dto(entry, entry["package_id"]))
 
-    @route(admin=False)
+    @route(admin=False, summary="SHA-256 of the active (or named) package", query={"name": STR})
     async def package_checksum(self, request: web.Request) -> web.Response:
         entry = await self._active_package(request.query.get("name", ""))
         return web.json_response({"checksum": entry["checksum"], "file_name": entry["file_name"]})
 
-    @route(admin=False)
+    @route(
+        admin=False,
+        summary="The active (or named) package's bytes",
+        query={"name": STR},
+        answers="file",
+    )
     async def download_package(self, request: web.Request) -> web.StreamResponse:
         entry = await self._active_package(request.query.get("name", ""))
         meta, chunks = await self.broker.models.read(entry["model_id"])
@@ -474,7 +527,12 @@ class ControlApi:
             "session_config": config,
         }  # fmt: skip
 
-    @route()
+    @route(
+        summary="Sessions, newest first, or the one with this name",
+        query={"name": STR},
+        headers=LIMIT,
+        answers="list",
+    )
     async def list_sessions(self, request: web.Request) -> web.Response:
         sessions = self.broker.sessions
         name = request.query.get("name")
@@ -486,15 +544,19 @@ class ControlApi:
         items = [await self._session_dto(s) for s in ids if await sessions.get(s)]
         return listing(items, len(items) if name is not None else await sessions.count())
 
-    @route()
+    @route(summary="How many sessions", answers="count")
     async def count_sessions(self, request: web.Request) -> web.Response:
         return web.json_response(await self.broker.sessions.count())
 
-    @route()
+    @route(summary="One session: status (Created, Started, Finished, Failed, Stopped), config")
     async def get_sessions(self, request: web.Request) -> web.Response:
         return web.json_response(await self._session_dto(request.match_info["id"]))
 
-    @route()
+    @route(
+        summary="A new session, not started",
+        body=obj(name=STR, seed_model_id=STR, session_id=STR, session_config=SESSION_CONFIG),
+        ok=(201,),
+    )
     async def create_session(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         config = session_config(body.get("session_config") or {})
@@ -516,7 +578,10 @@ class ControlApi:
         dto = await self._session_dto(session_id)
         return web.json_response({"success": True, **dto}, status=201)
 
-    @route()
+    @route(
+        summary="Start a created session, or continue an ended one",
+        body=obj("session_id", session_id=STR, rounds=INT, round_timeout=NUM),
+    )
     async def start_session(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         session_id = text_field(body, "session_id", required=True)
@@ -583,16 +648,21 @@ class ControlApi:
                 })  # fmt: skip
         return out
 
-    @route()
+    @route(
+        summary="Rounds of one session, or of the 50 newest",
+        query={"session_id": STR},
+        headers=LIMIT,
+        answers="list",
+    )
     async def list_rounds(self, request: web.Request) -> web.Response:
         rounds = await self._rounds(request)
         return limited(request, rounds)
 
-    @route()
+    @route(summary="How many rounds", query={"session_id": STR}, answers="count")
     async def count_rounds(self, request: web.Request) -> web.Response:
         return web.json_response(len(await self._rounds(request)))
 
-    @route()
+    @route(summary="One round, by <session id>:<round number>")
     async def get_rounds(self, request: web.Request) -> web.Response:
         session_id, _, _ = request.match_info["id"].rpartition(":")
         if not session_id:
@@ -630,16 +700,16 @@ class ControlApi:
             "receiver": {"name": "", "role": "combiner"},
         }  # fmt: skip
 
-    @route()
+    @route(summary="Validations, filtered", query=VALIDATION_FILTERS, headers=LIMIT, answers="list")
     async def list_validations(self, request: web.Request) -> web.Response:
         found = await self._validations(request)
         return limited(request, found)
 
-    @route()
+    @route(summary="How many validations", query=VALIDATION_FILTERS, answers="count")
     async def count_validations(self, request: web.Request) -> web.Response:
         return web.json_response(len(await self._validations(request)))
 
-    @route()
+    @route(summary="One validation (among the 50 newest sessions)")
     async def get_validations(self, request: web.Request) -> web.Response:
         return by_id(
             await self._validations(request), request.match_info["id"],
@@ -671,16 +741,21 @@ class ControlApi:
             })  # fmt: skip
         return out
 
-    @route()
+    @route(
+        summary="Clients' status messages, newest first",
+        query=STATUS_FILTERS,
+        headers=LIMIT,
+        answers="list",
+    )
     async def list_statuses(self, request: web.Request) -> web.Response:
         found = await self._statuses(request)
         return limited(request, found)
 
-    @route()
+    @route(summary="How many status messages", query=STATUS_FILTERS, answers="count")
     async def count_statuses(self, request: web.Request) -> web.Response:
         return web.json_response(len(await self._statuses(request)))
 
-    @route()
+    @route(summary="One status message")
     async def get_statuses(self, request: web.Request) -> web.Response:
         return by_id(await self._statuses(request), request.match_info["id"], "no such status")
 
@@ -692,10 +767,19 @@ class ControlApi:
             raise BadRequest("client_ids must be a list of client ids")
         if not ids:
             raise ApiError(409, "no client is online")
-        tasks = self.broker.tasks
-        return {c: await tasks.push(c, task_type, model_id=model_id, data=data) for c in ids}
+        if len(ids) > MAX_FANOUT:
+            raise BadRequest(f"at most {MAX_FANOUT} client_ids")
+        ids = list(dict.fromkeys(ids))
+        # push_many checks every id before it writes: a bad one leaves no task behind
+        pushed = await self.broker.tasks.push_many(ids, task_type, model_id=model_id, data=data)
+        return dict(zip(ids, pushed, strict=True))
 
-    @route()
+    @route(
+        summary="Predictions, filtered",
+        query={"model_id": STR, "correlation_id": STR, "client_id": STR},
+        headers=LIMIT,
+        answers="list",
+    )
     async def list_predictions(self, request: web.Request) -> web.Response:
         q = request.query
         out = []
@@ -713,11 +797,14 @@ class ControlApi:
                                    "name": rec.get("name", "")}})  # fmt: skip
         return limited(request, out)
 
-    @route()
+    @route(summary="How many predictions", answers="count")
     async def count_predictions(self, request: web.Request) -> web.Response:
         return web.json_response(len(await self._client_records("predictions")))
 
-    @route()
+    @route(
+        summary="A prediction task to every online client (or client_ids)",
+        body=obj(prediction_id=STR, model_id=STR, client_ids={"type": "array", "items": STR}),
+    )
     async def start_predictions(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         model_id = text_field(body, "model_id") or (
@@ -733,7 +820,10 @@ class ControlApi:
                                   "prediction_id": prediction_id,
                                   "correlation_ids": pushed})  # fmt: skip
 
-    @route()
+    @route(
+        summary="A Custom_<name> task to every online client (or client_ids)",
+        body=obj("command_type", command_type=STR, client_ids={"type": "array", "items": STR}),
+    )
     async def run_command(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         command = text_field(body, "command_type", required=True)
@@ -755,7 +845,10 @@ class ControlApi:
             for rec in await self.broker.sessions.client_records(node_id, "attributes")
         ]
 
-    @route()
+    @route(
+        summary="Each node's newest attributes, merged",
+        body=obj("node_ids", node_ids={"type": "array", "items": STR}),
+    )
     async def current_attributes(self, request: web.Request) -> web.Response:
         nodes = (await read_json(request)).get("node_ids")
         if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
@@ -769,7 +862,11 @@ class ControlApi:
             out[node] = merged
         return web.json_response(out)
 
-    @route()
+    @route(
+        summary="A node's attribute messages, newest first",
+        body=obj("node_id", node_id=STR),
+        answers="list",
+    )
     async def attribute_trail(self, request: web.Request) -> web.Response:
         node = text_field(await read_json(request), "node_id", required=True)
         trail = await self._attributes(node)

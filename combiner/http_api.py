@@ -52,7 +52,9 @@ from aiohttp import web
 
 from broker import BrokerError
 from broker.records import Role, TokenStatus
+from combiner import __version__
 from combiner.auth import AuthUnavailable, Unauthenticated, bearer
+from combiner.openapi import SPEC_PATH, STR, Doc, describe, documented, obj
 from combiner.signing import SigningKey
 
 if TYPE_CHECKING:
@@ -184,6 +186,10 @@ def load_key(path: str, audience: str) -> SigningKey:
     return SigningKey.load_or_create(path, audience)
 
 
+# What the 1.0.0 client posts to /api/v1/clients/add (docs/protocol.md §15).
+ADD_BODY = obj(name=STR, client_id=STR, preferred_combiner=STR, package=STR, client_version=STR)
+
+
 class HttpApi:
     """The HTTP side of one replica, started and stopped with it (combiner/server.py)."""
 
@@ -201,6 +207,14 @@ class HttpApi:
         from combiner.control_api import ControlApi  # the APIClient's routes (docs/api.md)
 
         ControlApi(self).add_routes(self.app.router)
+        self.app.router.add_get(SPEC_PATH, self.openapi_json)
+
+    def openapi(self) -> dict:
+        """The OpenAPI description of every route above (combiner/openapi.py)."""
+        return describe(self.app, __version__)
+
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi())
 
     async def start(self) -> int:
         opts = self.opts
@@ -244,6 +258,13 @@ class HttpApi:
 
     # --- POST /api/auth/refresh ----------------------------------------------------------
 
+    @documented(
+        Doc(
+            summary="Trade a refresh token for a short-lived access token (a JWT)",
+            auth="refresh",
+            body=obj("refresh_token", refresh_token=STR, role={"enum": ["client", "admin"]}),
+        )
+    )
     async def refresh(self, request: web.Request) -> web.Response:
         address = self.remote(request)
         wait = self.limiter.retry_after(address)
@@ -299,6 +320,15 @@ class HttpApi:
 
     # --- POST /api/v1/clients/add --------------------------------------------------------
 
+    @documented(
+        Doc(
+            summary="Assign the calling client to a replica address; 203 while a client "
+            "asking for the remote package must wait for one",
+            auth="token",
+            body=ADD_BODY,
+            ok=(200, 203),
+        )
+    )
     async def add_client(self, request: web.Request) -> web.Response:
         auth = self.replica.auth
         caller = None
