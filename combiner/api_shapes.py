@@ -10,6 +10,7 @@ import datetime
 import io
 import re
 import tarfile
+import textwrap
 
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from workers.aggregators import AGGREGATORS, check_config
 
 MAX_CHUNK = 4 * 1024 * 1024  # the APIClient sends 900 KiB chunks (less after a 413)
 MAX_LIMIT = 10_000
+MAX_SOURCE = 256 * 1024  # server_functions source text
 HELPER = "numpyhelper"
 PACKAGE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2")  # what the 1.0.0 client unpacks
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
@@ -135,11 +137,9 @@ def session_config(raw) -> dict:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise BadRequest(f"unknown session_config field(s): {', '.join(unknown)}")
-    if raw.get("server_functions") not in (None, ""):
-        raise BadRequest(
-            "server_functions are not run by this tier: aggregate with fedavg, fedopt, "
-            "fedmedian or fedtrimmedavg (docs/api.md)"
-        )
+    source = raw.get("server_functions") or ""
+    if source:
+        source = check_source(source)
     helper = raw.get("helper_type")
     if helper not in (None, "", HELPER):
         raise BadRequest(f"helper_type must be {HELPER!r} (the only model format here)")
@@ -169,7 +169,22 @@ def session_config(raw) -> dict:
         "buffer_size": buffer_size,
         "delete_models_storage": bool_field(raw, "delete_models_storage", False),
         "helper_type": HELPER,
+        **({"server_functions": source} if source else {}),
     }
+
+
+def check_source(source) -> str:
+    """server_functions as the APIClient sends them (inspect.getsource of the class, indented
+    if the class was defined inside a function): Python that compiles, dedented. Compiling
+    runs nothing; only opted-in workers run it (docs/api.md)."""
+    if not isinstance(source, str) or len(source) > MAX_SOURCE:
+        raise BadRequest(f"server_functions must be Python source of at most {MAX_SOURCE} bytes")
+    source = textwrap.dedent(source)
+    try:
+        compile(source, "<server_functions>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise BadRequest(f"server_functions do not compile: {exc}") from None
+    return source
 
 
 def api_config(config: dict) -> dict:

@@ -127,7 +127,8 @@ def model_store_options(fn):
 # ServeOptions fields whose flag has another name or unit than the field.
 SERVE_FLAGS = {"model_cache_bytes": ("model_cache_mb", lambda mib: mib << 20)}
 # Keyword arguments of workers.runner.Worker, each a flag of `combiner worker`.
-WORKER_FLAGS = ("worker_id", "lease_ttl", "poll_every", "claim_after")
+WORKER_FLAGS = ("worker_id", "lease_ttl", "poll_every", "claim_after", "allow_server_functions",
+                "server_functions_timeout", "server_functions_memory_mb")  # fmt: skip
 
 
 @dataclass
@@ -641,6 +642,28 @@ async def task_show(cfg: Config, **kw) -> None:
     type=click.FloatRange(0.1),
     help="Seconds a stream entry may stay unacknowledged by the worker that read it "
     "(it died, say) before another worker's record keeping takes it over.",
+)
+@option(
+    "--allow-server-functions",
+    is_flag=True,
+    default=False,
+    help="Drive sessions that bring their own Python (the APIClient's server_functions): "
+    "it runs in a child process with no credentials, a time and a memory limit, but it is "
+    "code from whoever holds an admin token (docs/api.md). Off: such sessions are left to "
+    "workers that allow them, and replicas refuse new ones while none runs.",
+)
+@option(
+    "--server-functions-timeout",
+    default=60.0,
+    type=click.FloatRange(0.1),
+    help="Seconds one server function call may take before its process is killed and the "
+    "round fails.",
+)
+@option(
+    "--server-functions-memory-mb",
+    default=2048,
+    type=click.IntRange(128),
+    help="Address-space limit of the server functions process, MiB.",
 )
 @run_async
 async def worker(cfg: Config) -> None:

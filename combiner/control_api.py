@@ -53,6 +53,7 @@ from combiner.http_api import BadRequest, error, read_json, text_field
 from combiner.openapi import INT, LIMIT, NUM, STR, Doc, obj
 from combiner.views import session_view
 from workers.fedavg import BadUpdate, load_npz
+from workers.server_functions import SERVER_FUNCTIONS_ROLE
 
 if TYPE_CHECKING:
     from combiner.http_api import HttpApi
@@ -560,6 +561,12 @@ class ControlApi:
     async def create_session(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         config = session_config(body.get("session_config") or {})
+        if config.get("server_functions") and not await self._server_functions_allowed():
+            raise BadRequest(
+                "server_functions need a worker started with --allow-server-functions, and "
+                "none is running: start one, or aggregate with fedavg, fedopt, fedmedian or "
+                "fedtrimmedavg (docs/api.md)"
+            )
         name = text_field(body, "name")
         seed = text_field(body, "seed_model_id") or text_field(
             body.get("session_config") or {}, "model_id"
@@ -577,6 +584,12 @@ class ControlApi:
         log.info("control: session %s created (%s)", session_id, config["aggregator"])
         dto = await self._session_dto(session_id)
         return web.json_response({"success": True, **dto}, status=201)
+
+    async def _server_functions_allowed(self) -> bool:
+        return any(
+            w.role_health.get(SERVER_FUNCTIONS_ROLE) == "allowed"
+            for w in await self.broker.workers.alive()
+        )
 
     @route(
         summary="Start a created session, or continue an ended one",

@@ -39,7 +39,7 @@ BROKER_PRIVATE = {n for n in vars(_instance) if n.startswith("_")}
 COMBINER_USES_WORKERS = {
     "combiner/cli.py": {"workers.runner", "workers.fedavg"},
     "combiner/api_shapes.py": {"workers.aggregators"},  # session configs are checked up front
-    "combiner/control_api.py": {"workers.fedavg"},
+    "combiner/control_api.py": {"workers.fedavg", "workers.server_functions"},
     "combiner/demo.py": {"workers.fedavg"},
     "combiner/refclient.py": {"workers.fedavg"},
 }

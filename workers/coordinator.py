@@ -28,6 +28,7 @@ from broker.records import RoundRecord, RoundStatus, SessionStatus, TaskRecord
 from workers.aggregators import make_aggregator
 from workers.fedavg import BadUpdate, StreamingMean, load_npz, release_large_buffers, save_npz
 from workers.metrics import ROUND_SECONDS, ROUNDS
+from workers.server_functions import Limits, Sandbox, ServerFunctionsError
 
 log = logging.getLogger("workers.coordinator")
 
@@ -72,6 +73,26 @@ def update_weight(result_meta: str) -> float | None:
         return None
 
 
+class UserAggregate:
+    """The session's own aggregate() (workers/server_functions.py): it is given every update
+    at once, so they are held until result(); each is decoded first, so one client's bad
+    update is rejected alone instead of failing the user's code."""
+
+    def __init__(self, sandbox: Sandbox, previous: list) -> None:
+        self.sandbox, self.previous = sandbox, previous
+        self.updates: dict[str, tuple[bytes, dict]] = {}
+
+    def add_update(self, client: str, data: bytes, result_meta: str) -> None:
+        arrays = load_npz(data)
+        if [a.shape for a in arrays] != [a.shape for a in self.previous]:
+            raise BadUpdate("its arrays do not have the global model's shapes")
+        meta = json.loads(result_meta or "{}").get("training_metadata", {})
+        self.updates[client] = (bytes(data), meta if isinstance(meta, dict) else {})
+
+    def result(self) -> list:
+        return self.sandbox.aggregate(self.previous, self.updates)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -79,11 +100,16 @@ class Coordinator:
         worker_id: str,
         lease_ttl: float = 10.0,
         poll_every: float = 0.5,
+        server_functions: Limits | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
         self.lease_ttl = lease_ttl
         self.poll_every = poll_every
+        # None: this worker leaves sessions with server_functions to workers that opted in
+        self.server_functions = server_functions
+        self._sandboxes: dict[str, Sandbox] = {}  # session id -> its running user code
+        self._declined: set[str] = set()
         release_large_buffers()  # aggregation handles model-sized buffers one after another
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -110,6 +136,13 @@ class Coordinator:
         record = await sessions.get(session_id)
         if record is None or not record.active:
             await sessions.lease(session_id, self.worker_id, "release", self.lease_ttl)
+            return
+        if record.config.get("server_functions") and self.server_functions is None:
+            await sessions.lease(session_id, self.worker_id, "release", self.lease_ttl)
+            if session_id not in self._declined:
+                self._declined.add(session_id)
+                log.warning("session %s has server_functions: left to a worker started with "
+                            "--allow-server-functions", session_id)  # fmt: skip
             return
         await sessions.log_driver(session_id, self.worker_id)
         log.info("driving session %s", session_id)
@@ -155,6 +188,8 @@ class Coordinator:
         model_id = record.model_id
         r = record.round_number
         try:
+            if cfg.get("server_functions"):
+                await self._start_sandbox(session_id, cfg["server_functions"])
             while r <= int(cfg["rounds"]) and not await self._stopped(session_id):
                 model_id = await self.run_round(session_id, str(r), model_id, cfg)
                 r += 1
@@ -175,7 +210,29 @@ class Coordinator:
                 await sessions.update(
                     session_id, status=SessionStatus.COMPLETED, finished_at=f"{time.time():.3f}"
                 )
+        finally:
+            sandbox = self._sandboxes.pop(session_id, None)
+            if sandbox is not None:
+                await asyncio.to_thread(sandbox.close)
         await sessions.expire_session(session_id, int(cfg["rounds"]))
+
+    async def _start_sandbox(self, session_id: str, source: str) -> None:
+        try:
+            sandbox = await asyncio.to_thread(Sandbox, source, self.server_functions)
+        except ServerFunctionsError as exc:
+            raise RoundFailed(f"server_functions: {exc}") from None
+        self._sandboxes[session_id] = sandbox
+        log.info("session %s: server functions %s", session_id, sorted(sandbox.implements))
+
+    async def _user(self, session_id: str, round_id: str, method: str, *args):
+        """The session's server function `method` on args, or None if it has none."""
+        sandbox = self._sandboxes.get(session_id)
+        if sandbox is None or method not in sandbox.implements:
+            return None
+        try:
+            return await asyncio.to_thread(getattr(sandbox, method), *args)
+        except ServerFunctionsError as exc:
+            await self._fail(session_id, round_id, f"server_functions: {exc}")
 
     async def _stopped(self, session_id: str) -> bool:
         record = await self.broker.sessions.get(session_id)
@@ -252,16 +309,26 @@ class Coordinator:
                     f"only {len(online)} of the {min_clients} required clients were online",
                 )
             await asyncio.sleep(self.poll_every)
-        # The same sample on every attempt, so a resumed round picks the same clients.
-        picker = random.Random(f"{session_id}/{round_id}")
-        selected = sorted(picker.sample(online, min(int(cfg["max_clients"]), len(online))))
+        model_in = rnd.model_in
+        if rnd.client_ids:  # an earlier attempt chose them: the same clients again
+            selected = rnd.client_ids
+        else:
+            selected = await self._user(session_id, round_id, "client_selection", sorted(online))
+        if selected is None:
+            # The same sample on every attempt, so a resumed round picks the same clients.
+            picker = random.Random(f"{session_id}/{round_id}")
+            selected = sorted(picker.sample(online, min(int(cfg["max_clients"]), len(online))))
+        settings = dict(cfg["client_settings"])
+        if "client_settings" in getattr(self._sandboxes.get(session_id), "implements", ()):
+            model = await asyncio.to_thread(load_npz, await self.broker.models.get(model_in))
+            settings.update(await self._user(session_id, round_id, "client_settings", model))
+            del model
         tasks = {correlation_id(session_id, round_id, "train", c): c for c in selected}
         await sessions.update_round(session_id, round_id, clients=json.dumps(selected))
         await sessions.add_round_tasks(session_id, round_id, "tasks", tasks)
-        model_in = rnd.model_in
         data = json.dumps(
             {
-                "client_settings": cfg["client_settings"],
+                "client_settings": settings,
                 "session_id": session_id,
                 "round_id": round_id,
                 "round_timeout": cfg["round_timeout"],
@@ -338,7 +405,12 @@ class Coordinator:
                     continue
                 try:
                     data = await models.get(rec.model_update_id)
-                    await asyncio.to_thread(aggregator.add_npz, data, weight)
+                    if isinstance(aggregator, UserAggregate):
+                        await asyncio.to_thread(
+                            aggregator.add_update, client, data, rec.result_meta
+                        )
+                    else:
+                        await asyncio.to_thread(aggregator.add_npz, data, weight)
                     del data  # else it lives on while the next update is fetched
                 except BrokerUnavailable:
                     raise  # pause the session; the next attempt redoes this aggregation
@@ -353,7 +425,10 @@ class Coordinator:
             )
             if not used:
                 await self._fail(session_id, round_id, "no model updates arrived")
-            result = await asyncio.to_thread(aggregator.result)
+            try:
+                result = await asyncio.to_thread(aggregator.result)
+            except ServerFunctionsError as exc:
+                await self._fail(session_id, round_id, f"server_functions: {exc}")
             blob = await asyncio.to_thread(save_npz, result)
             del result
         finally:
@@ -384,6 +459,10 @@ class Coordinator:
         """The session's aggregator; FedOpt starts from the state the previous round kept,
         so a worker taking over a session continues its optimizer exactly."""
         name = cfg["aggregator"]
+        sandbox = self._sandboxes.get(session_id)
+        if sandbox is not None and "aggregate" in sandbox.implements:
+            previous = await asyncio.to_thread(load_npz, await self.broker.models.get(model_in))
+            return UserAggregate(sandbox, previous)
         if name == "fedavg":
             return StreamingMean()
         arrays = state = None

@@ -17,6 +17,7 @@ import time
 from broker import Broker, BrokerError
 from workers.coordinator import Coordinator
 from workers.records import Records
+from workers.server_functions import SERVER_FUNCTIONS_ROLE, Limits
 
 log = logging.getLogger("workers")
 
@@ -35,15 +36,23 @@ class Worker:
         lease_ttl: float = 10.0,
         poll_every: float = 0.5,
         claim_after: float = 30.0,
+        allow_server_functions: bool = False,
+        server_functions_timeout: float = 60.0,
+        server_functions_memory_mb: int = 2048,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id or broker.replica_id
         self.lease_ttl = lease_ttl
-        self.coordinator = Coordinator(broker, self.worker_id, lease_ttl, poll_every)
+        limits = None
+        if allow_server_functions:
+            limits = Limits(server_functions_timeout, server_functions_memory_mb)
+        self.coordinator = Coordinator(broker, self.worker_id, lease_ttl, poll_every, limits)
         self.records = Records(broker, self.worker_id, claim_after)
         self.stop_event = asyncio.Event()
         self.started = time.time()
         self.health: dict[str, str] = dict.fromkeys(ROLES, "ok")
+        if allow_server_functions:
+            self.health[SERVER_FUNCTIONS_ROLE] = "allowed"
 
     async def liveness(self) -> None:
         """Flip clients silent for longer than offline_after to offline (for status views;
