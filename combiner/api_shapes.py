@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import re
 import tarfile
 import textwrap
@@ -230,6 +231,15 @@ def package_dto(entry: dict[str, str], active_id: str = "") -> dict:
         "committed_at": iso(entry.get("committed_at")),
         "active": entry["package_id"] == active_id,
     }
+
+
+def prediction_of(task: dict[str, str]) -> str:
+    """The prediction_id start_predictions put in a Fedn_Prediction task's data, or ""."""
+    try:
+        value = json.loads(task.get("data") or "{}").get("prediction_id", "")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def check_package(file_name: str, data: bytes) -> None:

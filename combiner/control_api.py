@@ -46,6 +46,7 @@ from combiner.api_shapes import (
     model_dto,
     number_field,
     package_dto,
+    prediction_of,
     session_config,
 )  # fmt: skip
 from combiner.auth import AuthUnavailable, Unauthenticated, bearer
@@ -788,22 +789,28 @@ class ControlApi:
         return dict(zip(ids, pushed, strict=True))
 
     @route(
-        summary="Predictions, filtered",
-        query={"model_id": STR, "correlation_id": STR, "client_id": STR},
+        summary="Predictions, filtered (prediction_id: those start_predictions asked for)",
+        query={"model_id": STR, "correlation_id": STR, "client_id": STR, "prediction_id": STR},
         headers=LIMIT,
         answers="list",
     )
     async def list_predictions(self, request: web.Request) -> web.Response:
         q = request.query
+        found = [
+            rec for rec in await self._client_records("predictions")
+            if all(q.get(k) in (None, rec.get(k)) for k in ("model_id", "correlation_id",
+                                                             "client_id"))
+        ]  # fmt: skip
+        # A prediction names its task, not the prediction_id: that is in the task's data.
+        tasks = await self.broker.tasks.records(
+            {r.get("correlation_id", ""): r.get("client_id", "") for r in found}
+        )
         out = []
-        for rec in await self._client_records("predictions"):
-            if q.get("model_id") not in (None, rec.get("model_id")):
+        for rec in found:
+            prediction_id = prediction_of(tasks.get(rec.get("correlation_id", ""), {}))
+            if q.get("prediction_id") not in (None, prediction_id):
                 continue
-            if q.get("correlation_id") not in (None, rec.get("correlation_id")):
-                continue
-            if q.get("client_id") not in (None, rec.get("client_id")):
-                continue
-            out.append({"id": rec.get("entry", ""), "prediction_id": rec.get("correlation_id"),
+            out.append({"id": rec.get("entry", ""), "prediction_id": prediction_id,
                         "model_id": rec.get("model_id", ""), "data": rec.get("data", ""),
                         "correlation_id": rec.get("correlation_id", ""),
                         "sender": {"client_id": rec.get("client_id", ""), "role": "client",

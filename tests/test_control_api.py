@@ -26,6 +26,7 @@ async def api(make_replica, broker, tmp_path):
     async with aiohttp.ClientSession(f"http://127.0.0.1:{replica.http_port}") as session:
         session.admin = {"Authorization": f"Bearer {admin.access_token}"}
         session.client = {"Authorization": f"Bearer {client.access_token}"}
+        session.replica = replica
         yield session
 
 
@@ -177,3 +178,48 @@ async def test_admin_routes_refuse_client_tokens_and_no_token(api):
     assert (await call(api, "GET", f"{V1}/rounds/nope"))[0] == 400
     status, body = await call(api, "GET", f"{V1}/models/", headers={**api.admin, "X-Limit": "x"})
     assert status == 400 and "X-Limit" in body["message"]
+
+
+async def test_predictions_are_started_and_found_by_their_prediction_id(api, broker, make_worker):
+    import asyncio
+    import json
+
+    from combiner.refclient import ReferenceClient
+    from tests.services import eventually
+
+    token = await upload(api, save_npz(SEED), "seed.npz")
+    _, body = await call(api, "POST", f"{V1}/models/", data={"file_token": token})
+    model_id = body["model_id"]
+    refresh, _ = await broker.credentials.create("alice")
+    client = ReferenceClient(
+        "", "alice", api_url=f"http://127.0.0.1:{api.replica.http_port}", token=refresh,
+        poll_interval=0.05, predict=lambda arrays: {"max": float(max(a.max() for a in arrays))},
+    )  # fmt: skip
+    await make_worker()  # its records role files each client's predictions
+    stop = asyncio.Event()
+    run = asyncio.create_task(client.run(stop))
+    try:
+        await eventually(lambda: _online(broker), what="alice online")
+        status, body = await call(api, "POST", f"{V1}/predictions/start",
+                                  json={"prediction_id": "p-1", "model_id": model_id})  # fmt: skip
+        assert status == 200 and list(body["correlation_ids"]) == ["alice"], body
+
+        async def found():
+            _, listed = await call(api, "GET", f"{V1}/predictions/?prediction_id=p-1")
+            return listed if listed["count"] else None
+
+        listed = await eventually(found, what="alice's prediction")
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 10)
+    [pred] = listed["result"]
+    assert pred["prediction_id"] == "p-1" and pred["model_id"] == model_id
+    assert pred["correlation_id"] == body["correlation_ids"]["alice"]
+    assert json.loads(pred["data"]) == {"max": 5.0} and pred["sender"]["client_id"] == "alice"
+    _, other = await call(api, "GET", f"{V1}/predictions/?prediction_id=p-2")
+    assert other == {"count": 0, "result": []}
+    assert (await call(api, "GET", f"{V1}/predictions/count")) == (200, 1)
+
+
+async def _online(broker) -> bool:
+    return "alice" in await broker.presence.online()
