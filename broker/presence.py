@@ -138,6 +138,21 @@ class Presence:
         raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.client(client_id))
         return text_map(raw)
 
+    async def client_map(self, client_ids: list[str]) -> dict[str, dict[str, str]]:
+        """Many clients' records in one round trip (control-plane listings)."""
+        if not client_ids:
+            return {}
+        keys = self._ctx.keys
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for c in client_ids:
+                pipe.hgetall(keys.client(c))
+            return await pipe.execute()
+
+        raws = await self._ctx.call(read)
+        return {c: text_map(raw) for c, raw in zip(client_ids, raws, strict=True)}
+
     async def mark_offline(self) -> int:
         """Flip the status of clients silent for longer than offline_after; returns how many."""
         keys = self._ctx.keys

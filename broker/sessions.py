@@ -256,6 +256,20 @@ class Sessions:
         )
         return [json.loads(v) for v in raw]
 
+    async def clients_records(self, client_ids: list[str], kind: str) -> list[dict]:
+        """client_records of many clients in one round trip, concatenated."""
+        if not client_ids:
+            return []
+        keys = self._ctx.keys
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for c in client_ids:
+                pipe.lrange(keys.client_records(c, kind), 0, -1)
+            return await pipe.execute()
+
+        return [json.loads(v) for raw in await self._ctx.call(read) for v in raw]
+
     async def add_records(
         self, items: list[tuple[str, str, str, str, dict]], ttl: int | None = None
     ) -> None:

@@ -187,8 +187,9 @@ class ControlApi:
                 continue
             out.append({"client_id": client_id, "id": client_id, "status": state,
                         "last_seen": iso(last)})  # fmt: skip
+        records = await self.broker.presence.client_map([c["client_id"] for c in out])
         for c in out:
-            rec = await self.broker.presence.client(c["client_id"])
+            rec = records[c["client_id"]]
             c["name"], c["combiner"] = rec.get("name", ""), rec.get("replica", "")
         return [c for c in out if c["combiner"] == combiner] if combiner else out
 
@@ -731,9 +732,8 @@ class ControlApi:
         )  # fmt: skip
 
     async def _client_records(self, kind: str) -> list[dict]:
-        out = []
-        for client_id in await self.broker.presence.clients():
-            out += await self.broker.sessions.client_records(client_id, kind)
+        clients = list(await self.broker.presence.clients())
+        out = await self.broker.sessions.clients_records(clients, kind)
         return sorted(out, key=lambda r: r.get("received_at", ""), reverse=True)
 
     async def _statuses(self, request: web.Request) -> list[dict]:

@@ -209,6 +209,11 @@ async def test_predictions_are_started_and_found_by_their_prediction_id(api, bro
             return listed if listed["count"] else None
 
         listed = await eventually(found, what="alice's prediction")
+        _, clients = await call(api, "GET", f"{V1}/clients/?status=online")
+        [alice] = clients["result"]
+        assert (alice["client_id"], alice["status"]) == ("alice", "online"), alice
+        assert alice["combiner"] == api.replica.broker.replica_id and alice["name"]
+        assert (await call(api, "GET", f"{V1}/clients/count?status=offline")) == (200, 0)
     finally:
         stop.set()
         await asyncio.wait_for(run, 10)
