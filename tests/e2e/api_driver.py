@@ -10,17 +10,20 @@ Prints one JSON object: what the calls returned, as they returned it.
 
 Steps:
 * upload: {"seed", "package", "package_name"}: set_active_model, set_active_package;
-* train: {"rounds", "min_clients", "round_timeout", "deadline", "download"}: start_session
-  with fedavg, waits (up to deadline seconds) for session_is_finished, then reads back the
-  session, its rounds and validations, the active model and its trail, and downloads the
-  active model to the path "download".
+* train: {"rounds", "min_clients", "round_timeout", "deadline", "download",
+  "server_functions"}: start_session (fedavg, or with server_functions() if asked), waits
+  (up to deadline seconds) for session_is_finished, then reads back the session, its rounds
+  and validations, the active model and its trail, and downloads the active model to the
+  path "download".
 """
 
 import json
 import sys
 import time
 
+import numpy as np
 from scaleoututil.api.client import Scaleout as APIClient
+from scaleoututil.serverfunctions.serverfunctionsbase import ServerFunctionsBase
 
 
 def upload(api: APIClient, args: dict) -> dict:
@@ -32,7 +35,28 @@ def upload(api: APIClient, args: dict) -> dict:
     }
 
 
+def server_functions():
+    """A user's class as a notebook might define it (the APIClient sends inspect.getsource
+    of it, indented here since it is defined in a function): train every client but the
+    last by id, and aggregate with the coordinate-wise maximum instead of a mean."""
+
+    class MaxOfTheOthers(ServerFunctionsBase):
+        def client_selection(self, client_ids, round_type):
+            return sorted(client_ids)[:-1]
+
+        def client_settings(self, global_model):
+            return {"chosen_by": "server_functions"}
+
+        def aggregate(self, previous_global, client_updates):
+            models = [params for params, _ in client_updates.values()]
+            return [np.max(np.stack([m[i] for m in models]), axis=0)
+                    for i in range(len(previous_global))]  # fmt: skip
+
+    return MaxOfTheOthers
+
+
 def train(api: APIClient, args: dict) -> dict:
+    user = server_functions() if args.get("server_functions") else None
     started = api.start_session(
         name=args.get("name"),
         rounds=args["rounds"],
@@ -40,6 +64,7 @@ def train(api: APIClient, args: dict) -> dict:
         min_clients=args["min_clients"],
         requested_clients=args["min_clients"],
         helper="numpyhelper",
+        server_functions=user,
     )
     session_id = started.get("session_id")
     if not session_id:

@@ -519,16 +519,18 @@ class E2E:
         offline_after: float = 5.0,
         poll_every: float = 0.2,
         timeout: float = 20.0,
+        extra: tuple[str, ...] = (),
     ) -> Proc:
         """One `combiner worker` process (short lease and liveness times, so takeover and
-        offline detection happen within a test); returns once it has started."""
+        offline detection happen within a test; extra: more flags); returns once it has
+        started."""
         n = len(self.workers) + 1
         worker_id = f"e2e-w{n}-{uuid.uuid4().hex[:6]}"
         args = [
             *combiner_command(), "worker", "--worker-id", worker_id,
             "--redis-url", self.redis_url, "--prefix", self.prefix,
             "--lease-ttl", str(lease_ttl), "--offline-after", str(offline_after),
-            "--poll-every", str(poll_every), "--log-level", "info",
+            "--poll-every", str(poll_every), "--log-level", "info", *extra,
         ]  # fmt: skip
         log = self.tmp / f"worker-{n}.log"
         proc = self._track(Proc(f"combiner worker {worker_id}", args, self.tmp, clean_env(), log))

@@ -60,34 +60,38 @@ def compute_package(path: Path) -> Path:
     return path
 
 
-def test_api_client_uploads_starts_a_session_and_reads_the_exact_result(e2e):
-    key = e2e.tmp / "signing-key.pem"
-    side = ApiSide(public_host=HOST, public_port=0, signing_key=key)
-    e2e.start_server(api=side)
-    e2e.start_server(api=side)
-    e2e.start_worker()
+def start_tier(e2e, replicas: int, *worker_flags: str) -> tuple[list[str], str, list, str]:
+    """Replicas with tokens on (each assigning clients to its own gRPC port), one worker, the
+    operator's seed model and compute package uploaded through the APIClient, and one CLI
+    client per SPEC entry joined through the replicas in turn. Returns (the replicas' API
+    URLs, the admin refresh token, the clients, the seed model's id)."""
+    side = ApiSide(public_host=HOST, public_port=0, signing_key=e2e.tmp / "signing-key.pem")
+    for _ in range(replicas):
+        e2e.start_server(api=side)
+    e2e.start_worker(extra=worker_flags)
     urls = [f"http://{HOST}:{port}" for port in e2e.http_ports]
     admin = e2e.cli("token", "create", "--client", "operator", "--role", "admin")
     admin = admin.strip().splitlines()[-1]
-
-    seed = seed_arrays()
     package = compute_package(e2e.tmp / "e2e-package.tgz")
     up = api_call(e2e, urls[0], admin, "upload", 60,
-                  seed=str(save_npz(e2e.tmp / "seed.npz", seed)),
+                  seed=str(save_npz(e2e.tmp / "seed.npz", seed_arrays())),
                   package=str(package), package_name="e2e")  # fmt: skip
-    assert up["model"]["success"], up
-    assert up["package"]["success"], up
+    assert up["model"]["success"] and up["package"]["success"], up
     assert up["active_package"]["file_name"] == package.name, up
-
     clients = []
     for i, (delta, n, local) in enumerate(SPEC):
         client_id = f"api-{i}-{e2e.prefix}"
         client = e2e.start_api_client(
-            urls[i % 2], e2e.cli.token_create(client_id), client_id,
+            urls[i % len(urls)], e2e.cli.token_create(client_id), client_id,
             delta=delta, num_examples=n, local_package=local,
         )  # fmt: skip
         clients.append(client)
     e2e.wait_online(clients, timeout=60)
+    return urls, admin, clients, up["model"]["model_id"]
+
+
+def test_api_client_uploads_starts_a_session_and_reads_the_exact_result(e2e):
+    urls, admin, clients, seed_id = start_tier(e2e, 2)
     remote = clients[-1]
     assert "Package validated" in remote.proc.read_log(tail=10_000), remote.proc.describe()
 
@@ -119,8 +123,26 @@ def test_api_client_uploads_starts_a_session_and_reads_the_exact_result(e2e):
     # the active model is the session's final one; its trail walks back to the seed
     assert out["active_model"]["model_id"] == round_models[-1]
     trail = [m["model_id"] for m in out["trail"]]
-    assert trail == [up["model"]["model_id"], *round_models], out["trail"]
+    assert trail == [seed_id, *round_models], out["trail"]
 
     # the downloaded bytes are the exact weighted mean after three rounds
     assert out["download"]["success"], out
-    assert_model(load_npz(download), plus(seed, ROUNDS * shift(clients)), "final model")
+    assert_model(load_npz(download), plus(seed_arrays(), ROUNDS * shift(clients)), "final model")
+
+
+def test_api_client_session_with_server_functions_on_an_opted_in_worker(e2e):
+    """api_driver.py's server_functions(): every client but the last by id trains, and the
+    round's model is the coordinate-wise maximum of their updates."""
+    urls, admin, clients, _ = start_tier(e2e, 1, "--allow-server-functions")
+    download = e2e.tmp / "final.npz"
+    out = api_call(e2e, urls[0], admin, "train", 300, rounds=2, min_clients=len(SPEC),
+                   round_timeout=60, deadline=240, download=str(download),
+                   server_functions=True)  # fmt: skip
+    e2e.ensure_alive()
+    assert out["status"] == "Finished", out
+    chosen = sorted(c.client_id for c in clients)[:-1]
+    view = e2e.cli.session_show(out["started"]["session_id"])
+    assert [r["clients"] for r in view["rounds"]] == [chosen, chosen], view
+    assert out["validations_count"] == 2 * len(chosen)
+    top = max(c.delta for c in clients if c.client_id in chosen)
+    assert_model(load_npz(download), plus(seed_arrays(), 2 * top), "final model")
