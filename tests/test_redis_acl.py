@@ -5,6 +5,7 @@ commands, and each user is refused what its role does not need."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -220,3 +221,129 @@ def test_each_user_is_refused_what_its_role_does_not_need(acl_redis, prefix):
         redis.Redis.from_url(wrong).ping()
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=acl_redis.server.port).ping()  # default: off
+
+
+async def test_the_control_plane_runs_under_the_replica_user(acl_redis, prefix, tmp_path):
+    """Every kind of control-plane route (combiner/control_api.py) on a replica whose Redis
+    user is the template's `replica`: Redis denies none of its commands."""
+    import io
+    import tarfile
+
+    import aiohttp
+
+    from broker.embedded import free_port
+
+    http_port = free_port()
+    replica = Child(
+        ["serve", "--port", "0", "--http-port", str(http_port), "--signing-key",
+         str(tmp_path / "signing-key.pem"), "--drain-delay", "0", "--prefix", prefix],
+        str(tmp_path / "replica.log"),
+        env=as_role(acl_redis, "replica"),
+    )  # fmt: skip
+    worker = Child(
+        ["worker", "--poll-every", "0.2", "--prefix", prefix],
+        str(tmp_path / "worker.log"),
+        env=as_role(acl_redis, "worker"),
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    stop = asyncio.Event()
+    run = None
+    failures = []
+    try:
+        await asyncio.to_thread(replica.start, True)
+        worker.start()
+        async with connect(acl_redis.url("operator"), settings=Settings(prefix=prefix)) as op:
+            admin_refresh, _ = await op.credentials.create("operator", "admin")
+            client_refresh, _ = await op.credentials.create("alice")
+        client = ReferenceClient("", "alice", api_url=url, token=client_refresh,
+                                 poll_interval=0.1)  # fmt: skip
+        run = asyncio.create_task(client.run(stop))
+        async with aiohttp.ClientSession(url) as http:
+
+            async def call(method, path, **kw):
+                async with http.request(method, path, headers=headers, **kw) as resp:
+                    body = await resp.read()
+                    if resp.status >= 500:
+                        failures.append((method, path, resp.status, body))
+                    return resp.status, (json.loads(body) if resp.content_type ==
+                                         "application/json" else body)  # fmt: skip
+
+            headers = {}
+            _, got = await call("POST", "/api/auth/refresh",
+                                json={"refresh_token": admin_refresh, "role": "admin"})  # fmt: skip
+            headers = {"Authorization": f"Bearer {got['access_token']}"}
+
+            async def upload(data: bytes, name: str) -> str:
+                _, got = await call("POST", "/api/v1/file-upload/init",
+                                    json={"file_name": name, "file_size": len(data)})  # fmt: skip
+                upload_id = got["upload_id"]
+                headers["X-Chunk-Index"] = "0"
+                await call("POST", f"/api/v1/file-upload/{upload_id}/chunk", data=data)
+                del headers["X-Chunk-Index"]
+                status, got = await call("POST", f"/api/v1/file-upload/{upload_id}/complete")
+                assert status == 200, got
+                return got["file_token"]
+
+            token = await upload(save_npz([np.zeros(4, dtype=np.float32)]), "seed.npz")
+            status, model = await call("POST", "/api/v1/models/", data={"file_token": token})
+            assert status == 200, model
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                info = tarfile.TarInfo("client/scaleout.yaml")
+                tar.addfile(info, io.BytesIO(b""))
+            token = await upload(buf.getvalue(), "p.tgz")
+            status, got = await call("POST", "/api/v1/packages/",
+                                     data={"file_token": token, "file_name": "p.tgz"})  # fmt: skip
+            assert status == 200, got
+            for path in (
+                "models/",
+                "models/count",
+                f"models/{model['model_id']}/ancestors",
+                f"models/{model['model_id']}/download",
+                "packages/",
+                "packages/active",
+                "packages/checksum",
+                "packages/download",
+                "clients/",
+                "combiners/",
+                "sessions/",
+                "rounds/",
+                "validations/",
+                "statuses/",
+                "predictions/",
+            ):
+                await call("GET", f"/api/v1/{path}")  # fmt: skip
+            await call("GET", "/get_controller_status")
+
+            async def online():
+                return "alice" in await client_ids(call)
+
+            await eventually(online, 30, "alice online")
+            status, got = await call("POST", "/api/v1/control/run_command",
+                                     json={"command_type": "Custom_echo"})  # fmt: skip
+            assert status == 200, got
+            status, got = await call("POST", "/api/v1/predictions/start", json={})
+            assert status == 200, got
+            config = {"rounds": 1, "clients_required": 1, "round_timeout": 30, "validate": False}
+            status, got = await call("POST", "/api/v1/sessions/",
+                                     json={"name": "acl", "session_config": config})  # fmt: skip
+            assert status == 201, got
+            status, got = await call("POST", "/api/v1/sessions/start",
+                                     json={"session_id": got["session_id"]})  # fmt: skip
+            assert status == 200, got
+            await call("POST", "/api/v1/attributes/current", json={"node_ids": ["alice"]})
+            await call("POST", "/api/v1/control/stop")
+    finally:
+        stop.set()
+        if run is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(run, 5)
+        await asyncio.to_thread(worker.stop, 10)
+        await asyncio.to_thread(replica.stop, 10)
+    denied = sorted({(d["reason"], d["object"]) for d in acl_redis.denials()})
+    assert (denied, failures) == ([], [])
+
+
+async def client_ids(call) -> list[str]:
+    _, got = await call("GET", "/api/v1/clients/?status=online")
+    return [c["client_id"] for c in got["result"]]
