@@ -9,7 +9,7 @@ import time
 import uuid
 
 from broker.context import Context, now_str, text, text_map
-from broker.errors import InvalidInput, NotFound
+from broker.errors import Conflict, InvalidInput, NotFound
 from broker.limits import check_ids
 from broker.records import ACTIVE_SESSION_STATES, RoundRecord, SessionRecord, SessionStatus
 
@@ -78,6 +78,11 @@ class Sessions:
             raise NotFound(f"no session {session_id!r}")
         if record.active:
             raise InvalidInput(f"session {session_id!r} is {record.status} already")
+        if record.status == SessionStatus.FAILED:  # its failed round would fail it again
+            raise Conflict(
+                f"session {session_id!r} failed ({record.error or 'see its rounds'}): start a "
+                f"new session from its model {record.model_id!r} instead"
+            )
         merged = {**record.config, **config}
         fields: dict = {"status": SessionStatus.QUEUED}
         if record.status == SessionStatus.CREATED:

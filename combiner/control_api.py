@@ -100,6 +100,7 @@ VALIDATION_FILTERS = {
                  "sender.client_id")
 }  # fmt: skip
 STATUS_FILTERS = {n: STR for n in ("session_id", "type", "sender.name", "sender.role")}
+PREDICTION_FILTERS = {n: STR for n in ("model_id", "correlation_id", "client_id", "prediction_id")}
 
 
 class ControlApi:
@@ -649,9 +650,10 @@ class ControlApi:
             return [session_id] if await self.broker.sessions.get(session_id) else []
         return await self.broker.sessions.newest(50)
 
-    async def _rounds(self, request: web.Request) -> list[dict]:
+    async def _rounds(self, request: web.Request, session_id: str | None = None) -> list[dict]:
         out = []
-        for session_id in await self._session_ids(request):
+        ids = await self._session_ids(request) if session_id is None else [session_id]
+        for session_id in ids:
             view = await session_view(self.broker, session_id)
             for rnd in view["rounds"]:
                 out.append({
@@ -682,7 +684,9 @@ class ControlApi:
         session_id, _, _ = request.match_info["id"].rpartition(":")
         if not session_id:
             raise BadRequest("a round id is <session id>:<round number>")
-        rounds = await self._rounds(request.clone(rel_url=f"?session_id={session_id}"))
+        if await self.broker.sessions.get(session_id) is None:
+            raise ApiError(404, "no such round")
+        rounds = await self._rounds(request, session_id)
         return by_id(rounds, request.match_info["id"], "no such round")
 
     async def _validations(self, request: web.Request) -> list[dict]:
@@ -790,11 +794,14 @@ class ControlApi:
 
     @route(
         summary="Predictions, filtered (prediction_id: those start_predictions asked for)",
-        query={"model_id": STR, "correlation_id": STR, "client_id": STR, "prediction_id": STR},
+        query=PREDICTION_FILTERS,
         headers=LIMIT,
         answers="list",
     )
     async def list_predictions(self, request: web.Request) -> web.Response:
+        return limited(request, await self._predictions(request))
+
+    async def _predictions(self, request: web.Request) -> list[dict]:
         q = request.query
         found = [
             rec for rec in await self._client_records("predictions")
@@ -815,11 +822,11 @@ class ControlApi:
                         "correlation_id": rec.get("correlation_id", ""),
                         "sender": {"client_id": rec.get("client_id", ""), "role": "client",
                                    "name": rec.get("name", "")}})  # fmt: skip
-        return limited(request, out)
+        return out
 
-    @route(summary="How many predictions", answers="count")
+    @route(summary="How many predictions, filtered", query=PREDICTION_FILTERS, answers="count")
     async def count_predictions(self, request: web.Request) -> web.Response:
-        return web.json_response(len(await self._client_records("predictions")))
+        return web.json_response(len(await self._predictions(request)))
 
     @route(
         summary="A prediction task to every online client (or client_ids)",

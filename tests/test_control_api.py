@@ -163,6 +163,17 @@ async def test_sessions_are_created_checked_and_started(api, broker):
     assert body["status"] == "Started" and body["session_config"]["rounds"] == 3
     status, body = await call(api, "POST", f"{V1}/sessions/start", json={"session_id": session_id})
     assert status == 400 and "already" in body["message"]
+    # a failed session is not continued (its failed round would fail it again)
+    await broker.sessions.update(session_id, status="failed", error="round 1: no clients")
+    status, body = await call(api, "POST", f"{V1}/sessions/start", json={"session_id": session_id})
+    assert status == 409 and "new session" in body["message"], body
+    # a round is found by <session id>:<round>, whatever the session id holds
+    status, body = await call(api, "POST", f"{V1}/sessions/",
+                              json={"session_id": "a&b #c", "session_config": {}})  # fmt: skip
+    assert status == 201, body
+    await broker.sessions.update_round("a&b #c", "1", status="collecting", model_in=seed_id)
+    status, body = await call(api, "GET", f"{V1}/rounds/a%26b%20%23c:1")
+    assert status == 200 and body["session_id"] == "a&b #c", body
 
 
 async def test_admin_routes_refuse_client_tokens_and_no_token(api):
@@ -178,6 +189,11 @@ async def test_admin_routes_refuse_client_tokens_and_no_token(api):
     assert (await call(api, "GET", f"{V1}/rounds/nope"))[0] == 400
     status, body = await call(api, "GET", f"{V1}/models/", headers={**api.admin, "X-Limit": "x"})
     assert status == 400 and "X-Limit" in body["message"]
+    # get_model_trail sends the model count as X-Limit: a large one is capped, not refused
+    status, body = await call(
+        api, "GET", f"{V1}/models/", headers={**api.admin, "X-Limit": "20000"}
+    )
+    assert status == 200, body
 
 
 async def test_predictions_are_started_and_found_by_their_prediction_id(api, broker, make_worker):
@@ -223,6 +239,7 @@ async def test_predictions_are_started_and_found_by_their_prediction_id(api, bro
     assert json.loads(pred["data"]) == {"max": 5.0} and pred["sender"]["client_id"] == "alice"
     _, other = await call(api, "GET", f"{V1}/predictions/?prediction_id=p-2")
     assert other == {"count": 0, "result": []}
+    assert (await call(api, "GET", f"{V1}/predictions/count?prediction_id=p-2")) == (200, 0)
     assert (await call(api, "GET", f"{V1}/predictions/count")) == (200, 1)
 
 
