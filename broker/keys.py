@@ -51,7 +51,8 @@ P:catalog:model:M                  hash    model_id, parent_model, session_id, r
                                            name, committed_at (broker/catalog.py)
 P:packages                         zset    compute package id -> committed
 P:package:K                        hash    package_id, name, file_name, checksum, model_id
-                                           (where its bytes are), helper, description
+                                           (where its bytes are), helper, description,
+                                           size, committed_at
 P:packages:active                  string  the active package's id
 P:file:U                           hash    an HTTP file upload: file_name, file_size,
                                            received, state (expires, broker/files.py)

@@ -332,8 +332,9 @@ def main() -> None:
     "--http-port",
     default=None,
     type=click.IntRange(0, 65535),
-    help="Serve the HTTP side (POST /api/auth/refresh, /api/v1/clients/add) on this port "
-    "(0: any free port). Default: no HTTP side.",
+    help="Serve the HTTP side on this port (0: any free port): the token exchange, client "
+    "assignment and the control plane the published APIClient drives (docs/api.md). "
+    "Default: no HTTP side.",
 )
 @option(
     "--public-host",

@@ -21,7 +21,7 @@ Routes and answers (every answer is JSON, errors are ``{"message": ...}``):
     replica has no signing key.
 ``POST /api/v1/clients/add`` with ``Authorization: Bearer <access token>``
     200 ``{"client_id": <the token's subject, whatever the body says>, "public_hostname",
-    "internal_hostname", "port", "package": "local", "helper_type": "numpyhelper", "name"}``;
+    "internal_hostname", "port", "package", "helper_type": "numpyhelper", "name"}``;
     ``package`` is what the client asked: "remote" (no --local-package) fetches the active
     compute package from ``/api/v1/packages/download`` (combiner/control_api.py).
     401 no or a bad access token; 400 bad input; 203 for "remote" while no package was
