@@ -34,8 +34,9 @@ def command(*path: str) -> click.Command:
 
 
 def broker_commands() -> list[tuple[str, click.Command]]:
-    """Every command that opens a broker (all but the demo, which runs its own processes)."""
-    found = [(" ".join(p), c) for p, c in _commands(main, []) if p != ["demo"]]
+    """Every command that opens a broker (all but the demo, which runs its own processes, and
+    openapi, which only reads the route table)."""
+    found = [(" ".join(p), c) for p, c in _commands(main, []) if p not in (["demo"], ["openapi"])]
     assert {"serve", "worker", "task push", "status", "model put"} <= {p for p, _ in found}
     return found
 
@@ -143,6 +144,9 @@ def test_worker_flags_become_worker_options(monkeypatch):
         "lease_ttl": 3.0,
         "poll_every": 0.5,
         "claim_after": 2.5,
+        "allow_server_functions": False,
+        "server_functions_timeout": 60.0,
+        "server_functions_memory_mb": 2048,
     }
     assert (cfg.broker.offline_after, cfg.broker.prefix, cfg.serve) == (4.0, "p", None)
 
