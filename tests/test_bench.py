@@ -71,7 +71,18 @@ def test_smoke_run_reports_every_scenario_with_baselines(tmp_path):
     runs = doc["scenarios"]["poll"]["details"]["runs"]
     assert runs["R=1"][0]["redis"]["exec"] > 0
     # the FedAvg result matched the in-memory numpy mean
-    assert doc["scenarios"]["round"]["details"]["max_rel_diff"] < 1e-3
+    round_ = doc["scenarios"]["round"]
+    assert round_["details"]["max_rel_diff"] < 1e-3
+    # ... and every other aggregator, through the same code path, matched numpy's
+    # (fedopt: one adam step from the seed; fedmedian: np.median; fedtrimmedavg: trimmed mean)
+    aggregators = ("fedavg", "fedopt", "fedmedian", "fedtrimmedavg")
+    checks = round_["details"]["checks"]
+    assert set(checks) == set(aggregators)
+    assert all(c["max_rel_diff"] < 1e-3 for c in checks.values()), checks
+    keys = {r.get("key") for r in round_["rows"]}
+    assert {f"peak_models_{name}" for name in aggregators[1:]} <= keys
+    k = doc["config"]["round_clients"]
+    assert all(round_["details"][name]["updates"] == k for name in aggregators)
 
     # nothing the suite started is left running
     pids = doc["meta"]["pids"]

@@ -217,7 +217,10 @@ class _Spooled:
         try:
             out = []
             for i, dtype in enumerate(self._dtypes):
-                stack = np.stack([f[str(i)].astype(dtype, copy=False) for f in files])
+                # filled one decoded array at a time: K x this array, not twice that
+                stack = np.empty((len(files), *self._shapes[i]), dtype=dtype)
+                for k, f in enumerate(files):
+                    stack[k] = f[str(i)]
                 out.append(self.reduce(stack).astype(dtype, copy=False))
                 del stack
             return out
@@ -237,7 +240,7 @@ class _Spooled:
 
 class FedMedian(_Spooled):
     def reduce(self, stack: np.ndarray) -> np.ndarray:
-        return np.median(stack, axis=0)
+        return np.median(stack, axis=0, overwrite_input=True)  # the stack is ours: no copy
 
 
 class FedTrimmedAvg(_Spooled):
@@ -248,5 +251,5 @@ class FedTrimmedAvg(_Spooled):
 
     def reduce(self, stack: np.ndarray) -> np.ndarray:
         cut = int(self.beta * stack.shape[0])
-        ordered = np.sort(stack, axis=0)
-        return ordered[cut : stack.shape[0] - cut].mean(axis=0)
+        stack.sort(axis=0)  # in place: the stack is ours
+        return stack[cut : stack.shape[0] - cut].mean(axis=0)

@@ -394,7 +394,7 @@ class Coordinator:
             kept = kept[: int(cfg["buffer_size"])]
         kept.sort(key=lambda item: item[0])
         rnd = await sessions.round(session_id, round_id)
-        model_in = rnd.model_in if rnd is not None else ""  # bench/aggregate.py keeps no round
+        model_in = rnd.model_in if rnd is not None else ""
         aggregator = await self._aggregator(session_id, round_id, model_in, cfg)
         used, rejected = [], {}
         try:
@@ -436,6 +436,7 @@ class Coordinator:
             if close is not None:
                 close()
         new_id = await models.put(blob)
+        del blob  # before FedOpt's state bytes are built below
         stored = await sessions.set_round_once(session_id, round_id, "model_out", new_id)
         if stored != new_id:  # an earlier attempt already published this round's model
             await models.delete(new_id)
