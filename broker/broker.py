@@ -16,13 +16,8 @@ import os
 import socket
 import uuid
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from broker.batching import Batcher
 from broker.catalog import Catalog
-from broker.connection import with_hiredis_packing
 from broker.context import Context, Settings
 from broker.credentials import Credentials
 from broker.files import FileUploads
@@ -35,6 +30,7 @@ from broker.retry import RetryPolicy
 from broker.scripts import Scripts
 from broker.sessions import Sessions
 from broker.tasks import TaskQueues
+from broker.topology import make_client, retry_policy
 from broker.wakeups import Wakeups
 from broker.workers import Workers
 
@@ -105,6 +101,9 @@ class Broker:
         except Exception:
             pass  # Redis gone: those calls fail with BrokerUnavailable by themselves
         await self._redis.aclose()
+        sentinels = getattr(self._redis.connection_pool, "sentinel_manager", None)
+        if sentinels is not None:  # redis+sentinel://: its connections to the Sentinels
+            await sentinels.aclose()
 
     async def ping(self) -> bool:
         return bool(await self._ctx.call(self._redis.ping))
@@ -118,28 +117,6 @@ class Broker:
         await self.close()
 
 
-def make_client(url: str, pool_size: int = 16):
-    """A small command pool. Retries are ours (tenacity), so redis-py's own are off. Each
-    call's deadline (RetryPolicy.max_seconds, 4 s) decides when Redis is too slow; the
-    socket and pool timeouts sit just above it as a backstop for anything outside a call,
-    and blocking reads (XREADGROUP BLOCK 1 s) stay below both."""
-    # Blocking pool: callers beyond pool_size wait for a connection instead of failing,
-    # which keeps the connection count per replica constant however many clients arrive.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        timeout=5,
-        socket_timeout=5,
-        socket_connect_timeout=3,
-        socket_keepalive=True,
-        socket_read_size=1024 * 1024,  # model chunks are 1 MiB: read them in one go
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-    pool.connection_class = with_hiredis_packing(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
-
-
 class Connecting:
     """What connect() returns: await it for a started Broker the caller closes, or use it as
     `async with connect(url) as broker:`, which closes the Broker however the block ends."""
@@ -149,7 +126,9 @@ class Connecting:
         self._broker: Broker | None = None
 
     async def _open(self) -> Broker:
-        broker = Broker(make_client(self._url, self._pool_size), **self._kwargs)
+        kwargs = dict(self._kwargs)
+        kwargs["policy"] = kwargs.get("policy") or retry_policy(self._url)
+        broker = Broker(make_client(self._url, self._pool_size), **kwargs)
         try:
             await broker.start()
         except BaseException:

@@ -20,7 +20,7 @@ import redis.exceptions as rex
 from tenacity import (
     AsyncRetrying,
     RetryError,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
     wait_exponential,
@@ -40,6 +40,15 @@ TRANSIENT = (
     rex.ClusterDownError,
     OSError,
 )
+# Error replies that a failover or a restart answers for a while (Sentinel: a master with
+# min-replicas-to-write and no replica yet, a replica promoted and still loading).
+TRANSIENT_REPLIES = ("NOREPLICAS", "MASTERDOWN", "LOADING")
+
+
+def transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith(TRANSIENT_REPLIES)
 
 
 class RetryPolicy:
@@ -49,7 +58,7 @@ class RetryPolicy:
 
     def retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT),
+            retry=retry_if_exception(transient),
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_seconds),
             wait=wait_exponential(multiplier=0.05, max=1.0),
             before_sleep=lambda rs: log.warning(
@@ -70,7 +79,9 @@ class RetryPolicy:
     async def _attempts(self, fn, *args, **kwargs):
         try:  # the first attempt without tenacity's bookkeeping: this is the hot path
             return await fn(*args, **kwargs)
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not transient(exc):
+                raise
             log.warning("redis trouble (%s), retrying", exc)
         try:
             async for attempt in self.retrying():

@@ -9,8 +9,8 @@ import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
-from broker.broker import make_client
 from broker.connection import with_hiredis_packing
+from broker.topology import make_client
 
 ARGS = [
     ("SET", "k", "v"),

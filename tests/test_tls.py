@@ -208,9 +208,9 @@ def test_tls_redis_refuses_plaintext(tls_redis):
 
 async def test_replica_push_and_poll_over_rediss(tls_redis, prefix):
     from broker import connect
-    from broker.broker import make_client
     from broker.connection import HiredisPacking
     from broker.context import Settings
+    from broker.topology import make_client
     from tests.conftest import replica_at
 
     client = make_client(tls_redis.url)

@@ -1,0 +1,156 @@
+"""Which Redis a URL names, and the one client the broker uses for it (docs/redis.md,
+"Topologies").
+
+* ``redis://[user:password@]host:port/db`` or ``rediss://...``: one server (standalone).
+* ``redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]``: the master that
+  these Sentinels name MASTER, followed across failovers (high availability). The login is
+  the data nodes'; Sentinels are asked without one (``?sentinel_password=`` if they need
+  one). ``rediss+sentinel://`` reaches the data nodes over TLS (``ssl_ca_certs=`` etc. as
+  for ``rediss://``).
+
+Both get the same client: a small blocking pool (callers beyond its size wait for a
+connection rather than fail) of connections that pack commands with hiredis and never lose
+a cancellation (broker/connection.py). Retries are the broker's own (broker/retry.py), so
+redis-py's are off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.backoff import NoBackoff
+
+from broker.connection import with_hiredis_packing
+from broker.retry import RetryPolicy
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# A call's deadline on Sentinel: a failover (down-after-milliseconds + ~2 s) must fit in it.
+SENTINEL_CALL_SECONDS = 10.0
+
+# Each call's deadline (RetryPolicy.max_seconds) decides when Redis is too slow; the socket
+# and pool timeouts sit just above it as a backstop for anything outside a call, and
+# blocking reads (XREADGROUP BLOCK 1 s) stay below both.
+CONNECTION = {
+    "socket_timeout": 5,
+    "socket_connect_timeout": 3,
+    "socket_keepalive": True,
+    "socket_read_size": 1024 * 1024,  # model chunks are 1 MiB: read them in one go
+    "retry": Retry(NoBackoff(), 0),
+    "health_check_interval": 0,
+}
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int = 0
+    tls: bool = False
+    login: dict = field(default_factory=dict)  # username, password of the data nodes
+    options: dict = field(default_factory=dict)  # ssl_* and the like, for the data nodes
+    sentinel_password: str = ""
+
+
+def is_sentinel(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
+
+
+def parse_sentinel(url: str) -> SentinelTarget:
+    """A redis+sentinel:// URL, or ValueError saying what is wrong with it."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{url!r}: each Sentinel is host:port, got {item!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError(f"{url!r}: the path is /MASTER_NAME[/db]")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"{url!r}: the database is a number, got {path[1]!r}")
+    login = {}
+    if parts.username:
+        login["username"] = unquote(parts.username)
+    if parts.password:
+        login["password"] = unquote(parts.password)
+    options = dict(parse_qsl(parts.query))
+    return SentinelTarget(
+        sentinels=sentinels,
+        master=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        tls=parts.scheme.lower().startswith("rediss"),
+        login=login,
+        sentinel_password=options.pop("sentinel_password", ""),
+        options=options,
+    )
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's master-following pool, blocking like the standalone one (its own is not)."""
+
+
+class FollowMaster:
+    """A mixin for Sentinel-managed connections: every (re)connect asks the Sentinels where
+    the master is first. redis-py reconnects a dropped connection inside a command to the
+    address it had (redis-py issue #3874: after a failover, to the old master, until the
+    socket timeout), so without this a retried call stalled for seconds and then failed."""
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect=True):
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        return await super().connect_check_health(check_health, retry_socket_connect)
+
+
+def retry_policy(url: str) -> RetryPolicy:
+    """The retries a URL's topology needs. A Sentinel failover leaves no master to talk to
+    for ~2 s after Sentinels see it down (down-after-milliseconds, then the election and the
+    promotion); calls wait that out instead of failing (BrokerUnavailable), so the deadline
+    per call is longer there and bounded by time, not by a count of fast refusals."""
+    if is_sentinel(url):
+        return RetryPolicy(attempts=100, max_seconds=SENTINEL_CALL_SECONDS)
+    return RetryPolicy()
+
+
+def make_client(url: str, pool_size: int = 16) -> aioredis.Redis:
+    """The broker's Redis client for url (standalone or Sentinel; see the module doc)."""
+    if is_sentinel(url):
+        return _sentinel_client(parse_sentinel(url), pool_size)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size, timeout=5, **CONNECTION
+    )
+    pool.connection_class = with_hiredis_packing(pool.connection_class)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _sentinel_client(target: SentinelTarget, pool_size: int) -> aioredis.Redis:
+    base = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
+    connection_class = with_hiredis_packing(
+        type(f"Following{base.__name__}", (FollowMaster, base), {})
+    )
+    sentinel_kwargs = {"socket_timeout": 1, "socket_connect_timeout": 1}
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(
+        target.master,
+        connection_pool_class=BlockingSentinelPool,
+        connection_class=connection_class,
+        max_connections=pool_size,
+        timeout=5,
+        db=target.db,
+        **target.login,
+        **target.options,
+        **CONNECTION,
+    )
