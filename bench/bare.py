@@ -9,20 +9,29 @@ handlers (no Redis, no parsing, no bookkeeping), and the same server options as 
 * ``/bench.Control/Count`` answers the number of open TaskStreams (readiness for fanout).
 
 ``python -m bench.bare [--port 0]`` prints ``listening on HOST:PORT`` like ``combiner serve``.
+
+It also runs on another grpcio than ours (bench/grpc_versions.py): that venv's Python runs
+this file isolated (``python -I bench/bare.py --stubs DIR --options JSON``) with the stubs
+that venv's grpcio-tools made from proto/scaleout.proto, and the replica's server options
+handed over as JSON, so it imports nothing of this repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import signal
+import sys
 
 import grpc
 
+if __name__ == "__main__" and "--stubs" in sys.argv:  # another venv's stubs (see above)
+    sys.path.insert(0, sys.argv[sys.argv.index("--stubs") + 1])
+
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
-from combiner.server import ServeOptions, grpc_options
 
 CHUNK = 1024 * 1024
 
@@ -123,8 +132,14 @@ def control_handler(combiner: BareCombiner) -> grpc.GenericRpcHandler:
     )
 
 
-async def serve(host: str, port: int) -> None:
-    server = grpc.aio.server(options=grpc_options(ServeOptions(host=host, port=port)))
+def replica_options() -> list[tuple[str, int]]:
+    from combiner.server import ServeOptions, grpc_options
+
+    return grpc_options(ServeOptions())
+
+
+async def serve(host: str, port: int, options: list[tuple[str, int]]) -> None:
+    server = grpc.aio.server(options=options)
     combiner = BareCombiner()
     pb_grpc.add_CombinerClientServicer_to_server(combiner, server)
     pb_grpc.add_ModelServiceServicer_to_server(BareModels(), server)
@@ -144,8 +159,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--stubs", help="import combiner.pb from this folder")
+    parser.add_argument("--options", help="server options as JSON (default: a replica's)")
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    options = [tuple(o) for o in json.loads(args.options)] if args.options else replica_options()
+    print(f"grpcio {grpc.__version__}", flush=True)
+    asyncio.run(serve(args.host, args.port, options))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class Config:
     pollers_interval: float
     pollers_window: float  # seconds measured once every client is polling
     pollers_procs: int  # load generator processes the clients are split over
+    # percore: load from the real client's venv at these concurrencies; bare baselines on
+    # our grpcio and on these versions (bench/venvs.py)
+    percore_clients: tuple[int, ...]
+    percore_grpcio: tuple[str, ...]
     # round
     round_clients: int
     round_model_bytes: int
@@ -73,6 +77,8 @@ FULL = Config(
     pollers_interval=5.0,
     pollers_window=15.0,
     pollers_procs=4,
+    percore_clients=(64, 200),
+    percore_grpcio=("1.71.2", "1.74.0", "1.78.0", "1.80.1", "1.85.4"),
     round_clients=100,
     round_model_bytes=10 * MiB,
 )
@@ -102,6 +108,8 @@ QUICK = Config(
     pollers_interval=5.0,
     pollers_window=10.0,
     pollers_procs=2,
+    percore_clients=(64, 200),
+    percore_grpcio=("1.74.0", "1.85.4"),
     round_clients=20,
     round_model_bytes=10 * MiB,
 )
@@ -131,6 +139,8 @@ SMOKE = Config(
     pollers_interval=0.5,
     pollers_window=1.0,
     pollers_procs=1,
+    percore_clients=(20,),
+    percore_grpcio=(),
     round_clients=3,
     round_model_bytes=MiB // 4,
 )

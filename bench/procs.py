@@ -108,12 +108,21 @@ def stop_popen(proc: subprocess.Popen | None, timeout: float) -> None:
 
 
 class ServerProc:
-    """A gRPC server child (a replica or the bare baseline) that prints its port."""
+    """A gRPC server child (a replica or the bare baseline) that prints its port; python
+    is the interpreter that runs args (a bare server on another grpcio has its own)."""
 
-    def __init__(self, registry: Registry, name: str, args: list[str], log: pathlib.Path):
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        args: list[str],
+        log: pathlib.Path,
+        python: str = sys.executable,
+    ):
         self.registry = registry
         self.name = name
         self.args = args
+        self.python = python
         self.log_path = log
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -130,7 +139,7 @@ class ServerProc:
         log = open(self.log_path, "ab")
         self.process = self.registry.add(
             subprocess.Popen(
-                [sys.executable, *self.args],
+                [self.python, *self.args],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -185,11 +194,16 @@ def bare_args() -> list[str]:
     return ["-m", "bench.bare", "--host", "127.0.0.1", "--port", "0"]
 
 
-class ClientProc:
-    """A load generator child (bench.client): JSON events out, commands in."""
+LOADGEN = (sys.executable, "-m", "bench.client")
 
-    def __init__(self, registry: Registry, spec: dict, log: pathlib.Path) -> None:
+
+class ClientProc:
+    """A load generator child (bench.client, or another argv speaking its protocol, such
+    as bench/refload.py in the real client's venv): JSON events out, commands in."""
+
+    def __init__(self, registry: Registry, spec: dict, log: pathlib.Path, command=LOADGEN) -> None:
         self.registry = registry
+        self.command = command
         self.spec = spec
         self.log_path = log
         self.process: asyncio.subprocess.Process | None = None
@@ -199,9 +213,7 @@ class ClientProc:
         log = open(self.log_path, "ab")  # noqa: ASYNC230 (a local log file)
         self.process = self.registry.add(
             await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.client",
+                *self.command,
                 json.dumps(self.spec),
                 cwd=ROOT,
                 stdin=asyncio.subprocess.PIPE,

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from bench.client import redis_snapshot
 from bench.config import Config
 from bench.procs import (
+    LOADGEN,
     ROOT,
     ClientProc,
     RedisProc,
@@ -183,8 +185,16 @@ class Bench:
         await asyncio.gather(*waits)
         return [self.deployments[spec[0]] for spec in specs]
 
-    def _server(self, name: str, args: list[str]) -> ServerProc:
-        return ServerProc(self.registry, name, args, self.workdir / f"{name}.log").start()
+    def _server(self, name: str, args: list[str], python: str = sys.executable) -> ServerProc:
+        log = self.workdir / f"{name}.log"
+        return ServerProc(self.registry, name, args, log, python).start()
+
+    async def deploy_bare(self, name: str, python: str, args: list[str]) -> Deployment:
+        """Start (or reuse) a bare server run by another interpreter (another grpcio)."""
+        if name not in self.deployments:
+            dep = self.deployments[name] = Deployment(name, [self._server(name, args, python)])
+            await asyncio.to_thread(dep.servers[0].wait_listening)
+        return self.deployments[name]
 
     async def retire(self, name: str) -> None:
         """Stop a deployment nobody needs any more (frees memory and CPU)."""
@@ -218,10 +228,10 @@ class Bench:
 
     # --- load generators ---------------------------------------------------------------
 
-    async def client(self, spec: dict) -> ClientProc:
+    async def client(self, spec: dict, command=LOADGEN) -> ClientProc:
         self._clients += 1
         log = self.workdir / f"client-{self._clients:03d}-{spec['kind']}.log"
-        return await ClientProc(self.registry, spec, log).start()
+        return await ClientProc(self.registry, spec, log, command).start()
 
     async def unary(self, dep: Deployment, method: str, **extra) -> dict:
         """One closed-loop run of a unary RPC; returns the raw result."""
@@ -240,21 +250,28 @@ class Bench:
         }
         return await self.timed(spec, dep)
 
-    async def timed(self, spec: dict, dep: Deployment | None = None) -> dict:
+    async def timed(self, spec: dict, dep: Deployment | None = None, command=LOADGEN) -> dict:
         """Start a load generator, wait until it is connected, start its clock. With a
-        deployment, also measure the CPU time its servers and Redis use in the window."""
+        deployment, also measure the CPU time its servers and Redis use in the window, and
+        (for a load generator that cannot: no ``redis_url`` in its spec) Redis INFO at the
+        window's edges."""
         cfg = self.cfg
-        proc = await self.client(spec)
+        proc = await self.client(spec, command)
         cpu = None
+        warmup, duration = spec.get("warmup", cfg.warmup), spec.get("duration", cfg.duration)
         try:
             await proc.event("ready", within=60)
             t0 = time.time() + 0.05
             await proc.send(cmd="go", t0=t0)
             if dep is not None:
-                cpu = asyncio.create_task(self._cpu(dep, t0 + cfg.warmup, cfg.duration))
-            result = await proc.result(within=cfg.warmup + cfg.duration + 120)
+                snap = not dep.bare and not spec.get("redis_url")
+                cpu = asyncio.create_task(self._cpu(dep, t0 + warmup, duration, redis_info=snap))
+            result = await proc.result(within=warmup + duration + 120)
             if cpu is not None:
-                result["cpu"] = await cpu
+                if snap:
+                    result["cpu"], result["redis"] = await cpu
+                else:
+                    result["cpu"] = await cpu
             return result
         finally:
             if cpu is not None and not cpu.done():
@@ -262,22 +279,35 @@ class Bench:
             await proc.stop()
 
     async def _cpu(
-        self, dep: Deployment, start: float, duration: float, loadgen: list[int] = ()
-    ) -> dict:
+        self,
+        dep: Deployment,
+        start: float,
+        duration: float,
+        loadgen: list[int] = (),
+        redis_info: bool = False,
+    ) -> dict | tuple[dict, dict]:
+        """CPU seconds of the servers (and Redis, and loadgen PIDs) over the window. With
+        redis_info, (cpu, Redis INFO snapshots at the window's edges), which
+        bench.scenarios.unary.round_trips reads."""
         pids = {"servers": [s.pid for s in dep.servers], "redis": [self.redis.process.pid]}
         if dep.bare:
             pids.pop("redis")
         if loadgen:
             pids["loadgen"] = list(loadgen)
+        client = (await self.broker("bench"))._redis if redis_info else None
 
         def read() -> dict:
             return {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
 
         await asyncio.sleep(max(0.0, start - time.time()))
         before = read()
-        await asyncio.sleep(duration)
+        snaps = {"before": await redis_snapshot(client)} if client else {}
+        await asyncio.sleep(max(0.0, start + duration - time.time()))
         after = read()
-        return {f"{k}_s": after[k] - before[k] for k in before}
+        if client:
+            snaps["after"] = await redis_snapshot(client)
+        cpu = {f"{k}_s": after[k] - before[k] for k in before}
+        return (cpu, snaps) if redis_info else cpu
 
     async def count_streams(self, dep: Deployment) -> int:
         """Open TaskStreams on a deployment: the bare server's count, or the replicas'

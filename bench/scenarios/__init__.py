@@ -1,11 +1,22 @@
 """One module per scenario; each has ``async def run(bench) -> dict`` returning
 ``{"rows": [...], "details": {...}}`` (rows: figures with their same-run baselines)."""
 
-from bench.scenarios import auth, fanout, ingest, memory, poll, pollers, round, transfer
+from bench.scenarios import (
+    auth,
+    fanout,
+    ingest,
+    memory,
+    percore,
+    poll,
+    pollers,
+    round,
+    transfer,
+)
 
 SCENARIOS = {
     "poll": poll.run,
     "auth": auth.run,
+    "percore": percore.run,
     "ingest": ingest.run,
     "fanout": fanout.run,
     "transfer": transfer.run,

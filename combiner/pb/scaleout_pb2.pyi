@@ -209,7 +209,7 @@ class ActivityReport(_message.Message):
     status: str
     done: bool
     response: str
-    def __init__(self, node_id: _Optional[str] = ..., correlation_id: _Optional[str] = ..., status: _Optional[str] = ..., done: _Optional[bool] = ..., response: _Optional[str] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., correlation_id: _Optional[str] = ..., status: _Optional[str] = ..., done: bool = ..., response: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("client_id", "memory_utilisation", "cpu_utilisation")

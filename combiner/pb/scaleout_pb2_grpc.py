@@ -5,7 +5,7 @@ import warnings
 
 from combiner.pb import scaleout_pb2 as combiner_dot_pb_dot_scaleout__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class CombinerClientStub:
+class CombinerClientStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -91,7 +91,7 @@ class CombinerClientStub:
                 _registered_method=True)
 
 
-class CombinerClientServicer:
+class CombinerClientServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def SendModelUpdate(self, request, context):
@@ -226,7 +226,7 @@ def add_CombinerClientServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class CombinerClient:
+class CombinerClient(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -527,7 +527,7 @@ class CombinerClient:
             _registered_method=True)
 
 
-class ModelServiceStub:
+class ModelServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -548,7 +548,7 @@ class ModelServiceStub:
                 _registered_method=True)
 
 
-class ModelServiceServicer:
+class ModelServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Upload(self, request_iterator, context):
@@ -584,7 +584,7 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelService:
+class ModelService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
