@@ -10,6 +10,7 @@ batch all-or-nothing when the connection drops, so no RPC is half-written.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,11 @@ class Batcher:
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: list[tuple[Build, asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
+        # Every call's deadline, in arrival order (one max_seconds for all, so also in
+        # deadline order), and the one timer that enforces the earliest: cheaper per call
+        # than an asyncio.timeout each (a timer handle pushed and cancelled per RPC).
+        self._deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self.round_trips = 0  # pipelines sent, for metrics and benchmarks
         self.calls = 0
 
@@ -54,16 +60,7 @@ class Batcher:
                 asyncio.get_running_loop().call_later(self._window, self._spawn)
             else:
                 self._spawn()
-        # The caller's own deadline (docs/operations.md "Redis time per call"): queued
-        # behind a pipeline that hangs, it must not wait for that one's deadline and then
-        # its own. A cancelled future is skipped when the next pipeline is built.
-        try:
-            async with asyncio.timeout(self._policy.max_seconds):
-                return await fut
-        except TimeoutError as exc:
-            raise BrokerUnavailable(
-                f"redis did not answer within {self._policy.max_seconds:g}s"
-            ) from exc
+        return await fut
 
     def submit_many(self, builds: list[Build]) -> list[asyncio.Future]:
         """Queue many calls at once, with no coroutine per call and no window to wait
@@ -74,12 +71,39 @@ class Batcher:
         return futures
 
     def _enqueue(self, build: Build) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending.append((build, fut))
         self.calls += 1
+        # The caller's own deadline (docs/operations.md "Redis time per call"): queued
+        # behind a pipeline that hangs, it must not wait for that one's deadline and then
+        # its own. Its future fails with BrokerUnavailable then; a failed or cancelled
+        # future is skipped when the next pipeline is built.
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():  # answered: forget (amortised O(1))
+            deadlines.popleft()
+        deadlines.append((loop.time() + self._policy.max_seconds, fut))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadlines[0][0], self._expire)
         if len(self._pending) % self._max_batch == 0:
             self._spawn()
         return fut
+
+    def _expire(self) -> None:
+        """Fail every call past its deadline; re-arm for the next one still waiting."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now, deadlines = loop.time(), self._deadlines
+        while deadlines and (deadlines[0][1].done() or deadlines[0][0] <= now):
+            _, fut = deadlines.popleft()
+            if not fut.done():
+                fut.set_exception(
+                    BrokerUnavailable(
+                        f"redis did not answer within {self._policy.max_seconds:g}s"
+                    )
+                )
+        if deadlines:
+            self._watchdog = loop.call_at(deadlines[0][0], self._expire)
 
     async def flush(self) -> None:
         """Wait until every submitted call has been sent (before closing the client)."""

@@ -104,14 +104,25 @@ def _parse_or_mark(method: str, deserialize, streaming: bool):
     return parse
 
 
+_COUNTERS: dict[tuple[str, str], object] = {}  # (method, code) -> its RPCS child
+_TIMERS: dict[str, object] = {}  # method -> its RPC_SECONDS child
+
+
 def _record(method: str, context, started: float, failed: bool) -> None:
     code = context.code() if hasattr(context, "code") else None
     if code is None:  # no status set: finished normally, or cancelled by the client
         name = "CANCELLED" if failed else "OK"
     else:
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    RPCS.labels(method, name).inc()
-    RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+    # the children looked up once: labels() validates and locks on every call
+    counter = _COUNTERS.get((method, name))
+    if counter is None:
+        counter = _COUNTERS[(method, name)] = RPCS.labels(method, name)
+    timer = _TIMERS.get(method)
+    if timer is None:
+        timer = _TIMERS[method] = RPC_SECONDS.labels(method)
+    counter.inc()
+    timer.observe(time.perf_counter() - started)
 
 
 async def _authenticate(auth, context) -> None:
