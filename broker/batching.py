@@ -40,8 +40,11 @@ class Batcher:
         self._policy = policy
         self._max_batch = max_batch
         # Seconds the first caller of a batch waits for others to join it: fewer, fuller
-        # pipelines (less CPU per RPC) for that much latency.
+        # pipelines (less CPU per RPC) for that much latency. Adaptive: only after a batch
+        # that had company; a lone caller (an idle replica) goes at once, and under load
+        # callers pile up behind the pipeline in flight, which turns the window back on.
         self._window = window
+        self._last_batch = 0
         self._slots = asyncio.Semaphore(max_inflight)
         self._pending: list[tuple[Build, asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
@@ -56,7 +59,7 @@ class Batcher:
     async def submit(self, build: Build) -> Any:
         fut = self._enqueue(build)
         if len(self._pending) == 1:
-            if self._window:
+            if self._window and self._last_batch > 1:
                 asyncio.get_running_loop().call_later(self._window, self._spawn)
             else:
                 self._spawn()
@@ -98,9 +101,7 @@ class Batcher:
             _, fut = deadlines.popleft()
             if not fut.done():
                 fut.set_exception(
-                    BrokerUnavailable(
-                        f"redis did not answer within {self._policy.max_seconds:g}s"
-                    )
+                    BrokerUnavailable(f"redis did not answer within {self._policy.max_seconds:g}s")
                 )
         if deadlines:
             self._watchdog = loop.call_at(deadlines[0][0], self._expire)
@@ -122,6 +123,7 @@ class Batcher:
             # Take the batch only once a slot is free: callers pile up meanwhile.
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
+            self._last_batch = len(batch)
             if self._pending:
                 self._spawn()
             if batch:

@@ -100,7 +100,8 @@ def redis_options(fn):
             default=Settings.batch_window,
             type=click.FloatRange(0, 0.1),
             help="Seconds an RPC waits for concurrent RPCs to share its Redis pipeline: fewer "
-            "round trips and less CPU per RPC under load, for that much added latency.",
+            "round trips and less CPU per RPC under load, for that much added latency. Only "
+            "after a pipeline that was shared: an RPC on an idle replica does not wait.",
         ),
     ]
     for d in reversed(decorators):

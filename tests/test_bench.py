@@ -84,8 +84,37 @@ def test_smoke_run_reports_every_scenario_with_baselines(tmp_path):
     k = doc["config"]["round_clients"]
     assert all(round_["details"][name]["updates"] == k for name in aggregators)
 
+    # percore: bare servers on our grpcio and on another venv's, loaded by the real
+    # client's grpcio; the replica's figures come with Redis CPU and round trips
+    percore = doc["scenarios"]["percore"]
+    tried = percore["details"]["grpcio"]
+    assert len(tried) >= 2 and "1.74.0" in tried, tried
+    assert all(v["grpcio"] == k for k, v in tried.items()), tried
+    keys = {r.get("key") for r in percore["rows"]}
+    assert {"poll/20/rps", "poll/20/cpu", "telemetry/20/tokens"} <= keys, keys
+    cpu = next(r for r in percore["rows"] if r.get("key") == "poll/20/cpu")
+    assert cpu["redis_us"] > 0 and cpu["value"] > cpu["replica_us"]
+
     # nothing the suite started is left running
     pids = doc["meta"]["pids"]
     assert len(pids) >= 8  # Redis, replicas, bare servers, load generators, aggregators
     assert not [p for p in pids if alive(p)]
     assert "results:" in proc.stdout
+
+
+def test_profile_summary_counts_self_and_inclusive_time():
+    from bench.profile import summarize
+
+    stacks = (
+        "main (combiner/__main__.py:3);guarded (combiner/errors.py:10);"
+        "poll (broker/tasks.py:5);execute (redis/asyncio/client.py:9) 3\n"
+        "main (combiner/__main__.py:3);select (selectors.py:1) 1\n"
+    )
+    text = summarize(stacks, top=10)
+    assert text.startswith("4 samples")
+    self_part, inclusive = text.split("inclusive")
+    assert "75.0%  redis/asyncio/client.py:execute" in self_part
+    assert "25.0%  selectors.py:select" in self_part
+    assert "75.0%  broker/tasks.py:poll" in inclusive
+    assert "100.0%  combiner/__main__.py:main" in inclusive
+    assert "selectors" not in inclusive  # only our own functions there
