@@ -30,7 +30,9 @@ def identity(context, body_id: str) -> tuple[str, str]:
     """The client id (body first, then the client-id/client metadata) and its name (§5).
     With a caller (tokens on), every client id the call names, body and metadata, must be
     the token's (else PermissionDenied), and the token's is the id, named or not."""
-    meta = dict(context.invocation_metadata() or ())
+    # a comprehension, not dict(): some calls hand a grpc.aio.Metadata, whose keys() are
+    # not what its __getitem__ takes
+    meta = {k: v for k, v in (context.invocation_metadata() or ())}
     caller = current_caller.get()
     if caller is not None:
         bind(
