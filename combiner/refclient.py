@@ -419,7 +419,8 @@ class ReferenceClient:
         async def once() -> bytes:
             call = self.models.Download(pb.ModelRequest(model_id=model_id), metadata=self.metadata)
             data = b"".join([chunk.data async for chunk in call])
-            checksum = dict(await call.trailing_metadata() or ()).get("checksum")
+            # tuple() first: grpc 1.78's aio Metadata yields (key, value) pairs from keys()
+            checksum = dict(tuple(await call.trailing_metadata() or ())).get("checksum")
             if checksum and checksum != hashlib.sha256(data).hexdigest():
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNKNOWN, None, None, details="checksum mismatch"

@@ -343,7 +343,7 @@ async def _download(models, model_id: str) -> tuple[bytes, grpc.StatusCode]:
             got += chunk.data
     except grpc.aio.AioRpcError as exc:
         return bytes(got), exc.code()
-    trailer = dict(await call.trailing_metadata() or ())
+    trailer = dict(tuple(await call.trailing_metadata() or ()))
     assert trailer["checksum"] == hashlib.sha256(got).hexdigest()
     return bytes(got), await call.code()
 

@@ -44,7 +44,7 @@ async def upload(stubs, data: bytes, model_id, *, chunk=MiB, checksum="auto") ->
 async def download(stubs, model_id: str) -> tuple[list[bytes], dict]:
     call = stubs.models.Download(pb.ModelRequest(model_id=model_id), metadata=meta())
     chunks = [c.data async for c in call]
-    trailer = dict(await call.trailing_metadata())
+    trailer = dict(tuple(await call.trailing_metadata()))
     return chunks, trailer
 
 
