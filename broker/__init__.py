@@ -2,7 +2,15 @@
 
 from broker.broker import Broker, connect
 from broker.context import Settings
-from broker.errors import BrokerError, BrokerUnavailable, Conflict, InvalidInput, NotFound, NotReady
+from broker.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    SchemaMismatch,
+)
 
 __all__ = [
     "Broker",
@@ -12,6 +20,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "NotReady",
+    "SchemaMismatch",
     "Settings",
     "connect",
 ]

@@ -31,3 +31,8 @@ class TooLarge(BrokerError):
 
 class Forbidden(BrokerError):
     """The caller may not act on the named thing (another client's task or model)."""
+
+
+class SchemaMismatch(BrokerError):
+    """The keys under the prefix were written by another schema version (broker/schema.py):
+    this code would misread them, so it refuses to run against them."""

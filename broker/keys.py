@@ -64,6 +64,8 @@ P:auth:tokens                      zset    token id -> created (unix seconds)
 P:auth:keys                        hash    signing key id -> its public key (PEM)
 P:auth:revoked                     zset    revoked token id -> when to forget it
 P:auth:revocations                 string  counter, bumped by every revocation
+P:schema                           string  the schema version these keys were written by
+                                           (broker/schema.py; set by the first connect)
 =================================  ======  ===========================================
 """
 
@@ -104,6 +106,11 @@ class Keys:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"key prefix must match {_PREFIX_RE.pattern}, got {prefix!r}")
         self.prefix = prefix
+
+    @property
+    def schema(self) -> str:
+        """The schema version of every key under the prefix (broker/schema.py)."""
+        return f"{self.prefix}:schema"
 
     # per client (one hash slot per client)
     def client_tag(self, client_id: str) -> str:

@@ -49,7 +49,11 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *words: str) -> None
 
 
 def keys_under(rdb, prefix: str) -> list[str]:
-    return sorted(k.decode() for k in rdb.scan_iter(match=f"{prefix}:*"))
+    """The prefix's keys but its schema version (broker/schema.py), which every command
+    writes when it connects to a fresh prefix, before it looks at its input."""
+    return sorted(
+        k.decode() for k in rdb.scan_iter(match=f"{prefix}:*") if k != f"{prefix}:schema".encode()
+    )
 
 
 # --- help ------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import UInt32Value
 
+from broker import connect
 from broker.codec import pack, unpack
+from broker.context import Settings
 from broker.keys import INBOUND_KINDS
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta
@@ -299,9 +301,9 @@ async def test_empty_client_id_is_invalid_argument_and_writes_nothing(
 
     for kind in INBOUND_KINDS:
         assert await broker._redis.xlen(broker._keys.inbound(kind)) == 0
-    # only the replica's own registration may exist under this test's prefix
+    # only the replica's own registration (and the schema version) may exist under the prefix
     keys = [k.decode() async for k in broker._redis.scan_iter(match=f"{broker._keys.prefix}:*")]
-    replica_keys = (broker._keys.replicas, f"{broker._keys.prefix}:replica:")
+    replica_keys = (broker._keys.replicas, f"{broker._keys.prefix}:replica:", broker._keys.schema)
     assert [k for k in keys if not k.startswith(replica_keys)] == []
 
 
@@ -327,3 +329,26 @@ async def test_caller_cancelled_mid_batch_does_not_fail_the_rest_of_its_batch(br
         await first
     clients = [e["client_id"] for e in await entries(broker, "metrics")]
     assert clients == ["gone", "stays"]  # both were written in the one transaction
+
+
+async def test_the_batch_window_is_skipped_by_a_lone_caller_and_kept_under_load(redis_url, prefix):
+    # The window (here a minute) makes the first caller of a batch wait for company. A
+    # caller after a lone one goes at once (an idle replica adds no latency); one after a
+    # batch that had company waits for the window, or for a flush.
+    b = await connect(redis_url, settings=Settings(prefix=prefix, batch_window=60.0))
+    try:
+        batcher = b._batcher
+        await asyncio.wait_for(b.presence.touch("alone"), 10)  # no window: nothing before it
+        await asyncio.wait_for(b.presence.touch("alone-again"), 10)
+        pair = [b.presence.touch("p1"), b.presence.touch("p2")]  # in one loop turn
+        await asyncio.wait_for(asyncio.gather(*pair), 10)
+        trips = batcher.round_trips
+        third = asyncio.ensure_future(b.presence.touch("after-company"))
+        for _ in range(20):  # many loop turns: it waits for the window, not for its turn
+            await asyncio.sleep(0)
+        assert not third.done() and batcher.round_trips == trips
+        await asyncio.wait_for(batcher.flush(), 10)
+        await asyncio.wait_for(third, 10)
+        assert batcher.round_trips == trips + 1
+    finally:
+        await b.close()

@@ -148,7 +148,7 @@ async def test_push_many_again_with_the_same_ids_pushes_nothing_twice(stubs, bro
 async def test_push_many_bad_input_writes_nothing(broker, clients, kind, data):
     with pytest.raises(InvalidInput):
         await broker.tasks.push_many(clients, kind, data=data)
-    assert await broker._redis.keys(f"{broker._keys.prefix}:*") == []
+    assert await broker._redis.keys(f"{broker._keys.prefix}:*") == [broker._keys.schema.encode()]
 
 
 async def test_client_id_from_metadata_when_body_is_empty(stubs, broker):
