@@ -45,6 +45,9 @@ class Config:
     # round
     round_clients: int
     round_model_bytes: int
+    # durability: SendModelMetric with --durability local vs replicated (a Redis replica
+    # started for it), this many interleaved pairs of runs
+    durability_reps: int
     # targets that only make sense at full size
     full_size: dict = field(default_factory=dict)
 
@@ -81,6 +84,7 @@ FULL = Config(
     percore_grpcio=("1.71.2", "1.74.0", "1.80.1", "1.85.4"),
     round_clients=100,
     round_model_bytes=10 * MiB,
+    durability_reps=3,
 )
 
 QUICK = Config(
@@ -112,6 +116,7 @@ QUICK = Config(
     percore_grpcio=("1.74.0", "1.85.4"),
     round_clients=20,
     round_model_bytes=10 * MiB,
+    durability_reps=3,
 )
 
 SMOKE = Config(
@@ -143,6 +148,7 @@ SMOKE = Config(
     percore_grpcio=("1.74.0",),  # one other venv, so the path is exercised
     round_clients=3,
     round_model_bytes=MiB // 4,
+    durability_reps=1,
 )
 
 # Full-size figures some targets are stated for.

@@ -96,6 +96,49 @@ class RedisProc(RedisProcess):
             client.close()
 
 
+class ReplicaRedisProc(RedisProcess):
+    """A redis-server replicating the suite's Redis (``replicaof``), registered like it; the
+    durability scenario's replica. ready() returns once the master counts it and a WAIT
+    there is answered (right after a full sync the first ACK may take the replica's 1 s
+    tick)."""
+
+    def __init__(self, registry: Registry, workdir: pathlib.Path, master: RedisProcess) -> None:
+        super().__init__(
+            workdir / "redis-replica", options={"replicaof": f"127.0.0.1 {master.port}"}
+        )
+        self.registry = registry
+        self.master = master
+
+    def start(self, timeout: float | None = None) -> ReplicaRedisProc:
+        master = redis.Redis.from_url(self.master.url, socket_timeout=5)
+        try:
+            # a full sync starts at once rather than after the default 5 s wait for others
+            master.config_set("repl-diskless-sync-delay", 0)
+        finally:
+            master.close()
+        super().start(timeout)
+        self.registry.add(self.process)
+        return self
+
+    def ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        mine = redis.Redis.from_url(self.url, socket_timeout=2)
+        master = redis.Redis.from_url(self.master.url, socket_timeout=timeout)
+        try:
+            while mine.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replica {self.port} never synced")
+                time.sleep(0.02)
+            master.set("bench-replica-ready", "1")
+            left = max(1, int((deadline - time.monotonic()) * 1000))
+            if master.wait(1, left) < 1:
+                raise TimeoutError(f"replica {self.port} never acknowledged a write")
+            master.delete("bench-replica-ready")
+        finally:
+            mine.close()
+            master.close()
+
+
 def stop_popen(proc: subprocess.Popen | None, timeout: float) -> None:
     if proc is None or proc.poll() is not None:
         return

@@ -16,6 +16,7 @@ import os
 import socket
 import uuid
 
+from broker import durability, schema
 from broker.batching import Batcher
 from broker.catalog import Catalog
 from broker.context import Context, Settings
@@ -87,7 +88,12 @@ class Broker:
         self.pipeline_counters = PipelineCounters(self._batcher)
 
     async def start(self) -> None:
-        """Load the scripts (bounded retries); raises BrokerUnavailable if Redis is down."""
+        """Check the prefix's schema version (writing it on a fresh prefix), then load the
+        scripts (bounded retries). Raises SchemaMismatch if the keys under the prefix were
+        written by another schema version (broker/schema.py), BrokerUnavailable if Redis
+        is down."""
+        found = await self._ctx.call(schema.claim, self._redis, self._keys)
+        schema.check(self._keys, found)
         await self._ctx.call(self._scripts.load, self._redis)
 
     async def close(self) -> None:
@@ -128,9 +134,12 @@ class Connecting:
     async def _open(self) -> Broker:
         kwargs = dict(self._kwargs)
         kwargs["policy"] = kwargs.get("policy") or retry_policy(self._url)
-        broker = Broker(make_client(self._url, self._pool_size), **kwargs)
+        confirm = durability.confirmation(kwargs.get("settings") or Settings())
+        broker = Broker(make_client(self._url, self._pool_size, confirm), **kwargs)
         try:
-            await broker.start()
+            with durability.unconfirmed():  # starts with its replicas away (durability.py)
+                await broker.start()
+            await broker._ctx.call(durability.probe, broker._redis)
         except BaseException:
             await broker.close()  # the pool holds no connection yet, but release it anyway
             raise

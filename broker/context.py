@@ -20,6 +20,11 @@ class Settings:
     offline_after: float = 30.0  # seconds without contact before a client counts as offline
     presence_every: float = 1.0  # a replica rewrites a client's last_seen at most this often
     batch_window: float = 0.002  # seconds a batch waits for more callers (batching.py)
+    # "local": acknowledged once the master has it; "replicated": once durability_replicas
+    # replicas have it, waiting at most durability_timeout seconds (broker/durability.py)
+    durability: str = "local"
+    durability_replicas: int = 1
+    durability_timeout: float = 1.0
 
 
 @dataclass

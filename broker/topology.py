@@ -31,6 +31,7 @@ from redis.asyncio.sentinel import (
 from redis.backoff import NoBackoff
 
 from broker.connection import with_hiredis_packing
+from broker.durability import Confirmation, redis_class
 from broker.retry import RetryPolicy
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -123,18 +124,23 @@ def retry_policy(url: str) -> RetryPolicy:
     return RetryPolicy()
 
 
-def make_client(url: str, pool_size: int = 16) -> aioredis.Redis:
-    """The broker's Redis client for url (standalone or Sentinel; see the module doc)."""
+def make_client(
+    url: str, pool_size: int = 16, confirmation: Confirmation | None = None
+) -> aioredis.Redis:
+    """The broker's Redis client for url (standalone or Sentinel; see the module doc). With a
+    confirmation, every write waits for replicas (broker/durability.py, replicated mode)."""
     if is_sentinel(url):
-        return _sentinel_client(parse_sentinel(url), pool_size)
+        return _sentinel_client(parse_sentinel(url), pool_size, confirmation)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=5, **CONNECTION
     )
     pool.connection_class = with_hiredis_packing(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
+    return redis_class(confirmation)(connection_pool=pool)
 
 
-def _sentinel_client(target: SentinelTarget, pool_size: int) -> aioredis.Redis:
+def _sentinel_client(
+    target: SentinelTarget, pool_size: int, confirmation: Confirmation | None
+) -> aioredis.Redis:
     base = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
     connection_class = with_hiredis_packing(
         type(f"Following{base.__name__}", (FollowMaster, base), {})
@@ -145,6 +151,7 @@ def _sentinel_client(target: SentinelTarget, pool_size: int) -> aioredis.Redis:
     sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(
         target.master,
+        redis_class=redis_class(confirmation),
         connection_pool_class=BlockingSentinelPool,
         connection_class=connection_class,
         max_connections=pool_size,

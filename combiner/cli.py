@@ -103,6 +103,27 @@ def redis_options(fn):
             "round trips and less CPU per RPC under load, for that much added latency. Only "
             "after a pipeline that was shared: an RPC on an idle replica does not wait.",
         ),
+        option(
+            "--durability",
+            default=Settings.durability,
+            type=click.Choice(["local", "replicated"]),
+            help="When a write counts as done: 'local', once the Redis master has it (a "
+            "failover may lose the last ones); 'replicated', once --durability-replicas "
+            "replicas have it too (WAIT), else the call fails with 'try again'.",
+        ),
+        option(
+            "--durability-replicas",
+            default=Settings.durability_replicas,
+            type=click.IntRange(1),
+            help="With --durability replicated: replicas that must have each write.",
+        ),
+        option(
+            "--durability-timeout",
+            default=Settings.durability_timeout,
+            type=click.FloatRange(0.001, 3.0),
+            help="With --durability replicated: seconds a write waits for its replicas "
+            "before the call fails with 'try again' (the write may then be stored twice).",
+        ),
     ]
     for d in reversed(decorators):
         fn = d(fn)

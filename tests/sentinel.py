@@ -36,9 +36,11 @@ class SentinelProcess(RedisProcess):
 
 class SentinelTopology:
     def __init__(self, replicas: int = 2, sentinels: int = 3) -> None:
-        self.master = RedisProcess(appendonly=False)
+        # Any node may become the master: none waits the default 5 s before a full sync.
+        fast = {"repl-diskless-sync-delay": "0"}
+        self.master = RedisProcess(appendonly=False, options=fast)
         self.replicas = [
-            RedisProcess(options={"replicaof": f"127.0.0.1 {self.master.port}"})
+            RedisProcess(options={"replicaof": f"127.0.0.1 {self.master.port}", **fast})
             for _ in range(replicas)
         ]
         quorum = sentinels // 2 + 1

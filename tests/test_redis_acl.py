@@ -185,6 +185,13 @@ def test_each_user_is_refused_what_its_role_does_not_need(acl_redis, prefix):
             call()
 
     outside = f"x{uuid.uuid4().hex[:8]}:secret"
+    for role in ROLES:  # every role checks the schema version at connect (broker/schema.py)
+        with client(role) as c:
+            c.set(f"{prefix}:schema", "1", nx=True)
+            assert c.get(f"{prefix}:schema") == "1"
+            # --durability replicated: WAIT after writes, INFO once at connect
+            assert c.execute_command("WAIT", 0, 10) >= 0
+            assert "role" in c.info("replication")
     with client("replica") as r:
         assert r.ping()
         r.hset(f"{prefix}:{{c:a}}:client", "status", "online")  # its own keys: fine

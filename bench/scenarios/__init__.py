@@ -3,6 +3,7 @@
 
 from bench.scenarios import (
     auth,
+    durability,
     fanout,
     ingest,
     memory,
@@ -18,6 +19,7 @@ SCENARIOS = {
     "auth": auth.run,
     "percore": percore.run,
     "ingest": ingest.run,
+    "durability": durability.run,
     "fanout": fanout.run,
     "transfer": transfer.run,
     "memory": memory.run,

@@ -1,0 +1,236 @@
+"""Durability you can choose (docs/redis.md, "Durability"): ``local`` or ``replicated``.
+
+``local`` (the default): a write is acknowledged once the Redis master has it. Replication is
+asynchronous, so a master that dies (kill -9, a crashed host) may take its last writes with
+it, even though RPCs were answered OK for them; the replica Sentinel promotes lacks them.
+
+``replicated``: a write is acknowledged only once at least ``durability_replicas`` replicas
+have it. The broker's client (make_client) is then a ConfirmingRedis: every pipeline or
+command that writes carries ``WAIT <replicas> <timeout ms>`` right after it, on the same
+connection and in the same packet (WAIT counts the replicas that acknowledged *this
+connection's* writes, and inside MULTI it answers at once, so it follows the EXEC). Both go
+in one write, so it costs no extra round trip from the replica: the master sends the writes
+and its REPLCONF GETACK to the replicas in the same event-loop turn and answers the WAIT when
+enough replicas have acknowledged. Fewer in time: BrokerUnavailable ("write not confirmed by
+a Redis replica within N ms"), which the RPC answers FAILED_PRECONDITION (the 1.0.0 client
+retries that; never UNAVAILABLE, which it dies on). The write itself stays on the master, so
+the client's retry may store it twice: at-least-once, like a retry after a lost reply.
+
+On Redis 7.2+ with the master's AOF on (nodes of a Sentinel deployment run one config, so
+its replicas are taken to run AOF too), ``WAITAOF 0 <replicas> <timeout ms>`` replaces WAIT:
+the write is then in a replica's AOF on disk, not only in its memory. Detected once, when
+the broker connects (probe()).
+
+Commands that only read, and the consumer-group bookkeeping a failover may lose harmlessly
+(XREADGROUP, XAUTOCLAIM: entries are delivered again), carry no WAIT. The first writes at
+connect (the schema version key, broker/schema.py) run unconfirmed() so a process can start
+while its replicas are away (probe() logs a warning then; its calls fail until one is back).
+
+With ``local`` nothing here runs: the client is redis-py's plain one, per-call cost unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from broker.errors import BrokerUnavailable
+
+log = logging.getLogger("broker")
+
+LOCAL, REPLICATED = "local", "replicated"
+MODES = (LOCAL, REPLICATED)
+
+# Commands after which no WAIT is sent: they write nothing that must survive a failover.
+NOT_CONFIRMED = frozenset(
+    """GET MGET HGET HGETALL HMGET HEXISTS HLEN HKEYS HVALS HSCAN HSTRLEN LRANGE LINDEX LLEN
+    LPOS SMEMBERS SISMEMBER SMISMEMBER SCARD SSCAN SRANDMEMBER ZRANGE ZREVRANGE ZRANGEBYSCORE
+    ZREVRANGEBYSCORE ZRANGEBYLEX ZCARD ZSCORE ZMSCORE ZRANK ZREVRANK ZCOUNT ZSCAN EXISTS TYPE
+    TTL PTTL EXPIRETIME SCAN KEYS DBSIZE STRLEN GETRANGE XLEN XRANGE XREVRANGE XREAD XPENDING
+    PING ECHO INFO TIME ROLE LASTSAVE HELLO AUTH SELECT COMMAND EVALSHA_RO EVAL_RO FCALL_RO
+    WAIT WAITAOF XREADGROUP XAUTOCLAIM""".split()
+) | frozenset(
+    f"{a} {b}"
+    for a, subs in {
+        "XINFO": "GROUPS STREAM CONSUMERS",
+        "SCRIPT": "LOAD EXISTS",
+        "CLIENT": "SETNAME GETNAME ID INFO LIST SETINFO",
+        "CONFIG": "GET",
+        "MEMORY": "USAGE",
+        "OBJECT": "ENCODING FREQ IDLETIME",
+        "FUNCTION": "LIST DUMP STATS",
+    }.items()
+    for b in subs.split()
+)
+
+_off: contextvars.ContextVar[bool] = contextvars.ContextVar("unconfirmed", default=False)
+_EXEC = b"$4\r\nEXEC\r\n"
+
+
+@contextlib.contextmanager
+def unconfirmed():
+    """Writes made inside this block (in this task) carry no WAIT."""
+    token = _off.set(True)
+    try:
+        yield
+    finally:
+        _off.reset(token)
+
+
+def writes(name) -> bool:
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return str(name).upper() not in NOT_CONFIRMED
+
+
+@dataclass
+class Confirmation:
+    """What replicated mode waits for: ``replicas`` acknowledgements within ``timeout_ms``."""
+
+    replicas: int = 1
+    timeout_ms: int = 1000
+    waitaof: bool = False  # set by probe(): Redis 7.2+ with appendonly yes
+
+    def command(self) -> tuple:
+        if self.waitaof:
+            return ("WAITAOF", 0, self.replicas, self.timeout_ms)
+        return ("WAIT", self.replicas, self.timeout_ms)
+
+    def check(self, reply) -> None:
+        """Raise BrokerUnavailable unless the WAIT / WAITAOF reply counts enough replicas."""
+        acked = int(reply[1] if isinstance(reply, list | tuple) else reply)
+        if acked < self.replicas:
+            what = "a Redis replica" if self.replicas == 1 else f"{self.replicas} Redis replicas"
+            raise BrokerUnavailable(
+                f"write not confirmed by {what} within {self.timeout_ms} ms ({acked} acknowledged)"
+            )
+
+
+def confirmation(settings) -> Confirmation | None:
+    """The Confirmation that settings ask for, or None for local durability."""
+    mode = settings.durability
+    if mode not in MODES:
+        raise ValueError(f"durability must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == LOCAL:
+        return None
+    if settings.durability_replicas < 1:
+        raise ValueError("durability_replicas must be at least 1")
+    return Confirmation(
+        replicas=settings.durability_replicas,
+        timeout_ms=max(1, round(settings.durability_timeout * 1000)),
+    )
+
+
+class ConfirmingPipeline(Pipeline):
+    """A pipeline whose writes are followed by the confirmation, in the same packet."""
+
+    confirmation: Confirmation
+
+    async def _execute_transaction(self, connection, commands, raise_on_error):
+        return await self._confirmed(
+            super()._execute_transaction, connection, commands, raise_on_error, True
+        )
+
+    async def _execute_pipeline(self, connection, commands, raise_on_error):
+        return await self._confirmed(
+            super()._execute_pipeline, connection, commands, raise_on_error, False
+        )
+
+    async def _confirmed(self, execute, connection, commands, raise_on_error, transaction):
+        if _off.get() or not any(writes(args[0]) for args, _ in commands):
+            return await execute(connection, commands, raise_on_error)
+        trailer = connection.pack_command(*self.confirmation.command())
+        send = type(connection).send_packed_command
+        sent = False
+
+        async def send_with_wait(command, check_health: bool = True):
+            # The one write that carries the queued commands (a transaction's ends with its
+            # EXEC; redis-py sends nothing else here unless HIMPORT, unused, prepares first).
+            nonlocal sent
+            if not sent and (not transaction or bytes(command[-1]).endswith(_EXEC)):
+                command, sent = [*command, *trailer], True
+            await send(connection, command, check_health)
+
+        connection.send_packed_command = send_with_wait  # this connection, this call only
+        try:
+            response = await execute(connection, commands, raise_on_error)
+        except BaseException:
+            if sent:  # the confirmation's reply is still on the socket: never reuse it
+                await connection.disconnect(nowait=True)
+            raise
+        finally:
+            del connection.send_packed_command
+        self.confirmation.check(await connection.read_response())
+        return response
+
+
+class ConfirmingRedis(aioredis.Redis):
+    """The broker's client in replicated mode (see the module doc)."""
+
+    confirmation: Confirmation
+
+    def pipeline(self, transaction: bool = True, shard_hint=None) -> Pipeline:
+        pipe = ConfirmingPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.confirmation = self.confirmation
+        return pipe
+
+    async def _send_command_parse_response(self, conn, command_name, *args, **options):
+        if _off.get() or not writes(command_name):
+            return await super()._send_command_parse_response(conn, command_name, *args, **options)
+        confirm = self.confirmation
+        await conn.send_packed_command(
+            [*conn.pack_command(*args), *conn.pack_command(*confirm.command())]
+        )
+        try:
+            result = await self.parse_response(conn, command_name, **options)
+        except ResponseError as exc:  # the command failed; its WAIT reply follows anyway
+            await conn.read_response()
+            raise exc
+        confirm.check(await conn.read_response())
+        return result
+
+
+def redis_class(confirm: Confirmation | None) -> type[aioredis.Redis]:
+    """The client class for a Confirmation (redis-py's own for local durability)."""
+    if confirm is None:
+        return aioredis.Redis
+    return type("ConfirmingRedis", (ConfirmingRedis,), {"confirmation": confirm})
+
+
+async def probe(redis) -> None:
+    """At connect, in replicated mode: use WAITAOF where the master has it and runs AOF, and
+    warn if fewer replicas are connected than every write waits for."""
+    confirm = getattr(redis, "confirmation", None)
+    if confirm is None:
+        return
+    try:
+        info = await redis.info("server", "replication", "persistence")
+    except ResponseError as exc:  # an ACL user without +info (docs/redis.md, "ACL users")
+        log.warning("durability replicated: cannot check the replicas (%s); using WAIT", exc)
+        return
+    version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
+    confirm.waitaof = version >= (7, 2) and int(info.get("aof_enabled", 0)) == 1
+    connected = int(info.get("connected_slaves", 0))
+    if info.get("role") != "master" or connected < confirm.replicas:
+        log.warning(
+            "durability replicated: Redis (%s) has %d connected replica(s), %d needed: "
+            "writes will fail (FAILED_PRECONDITION, 'write not confirmed') until enough "
+            "replicas are connected",
+            info.get("role", "?"),
+            connected,
+            confirm.replicas,
+        )
+    log.info(
+        "durability replicated: every write waits for %d replica(s), at most %d ms (%s)",
+        confirm.replicas,
+        confirm.timeout_ms,
+        "WAITAOF" if confirm.waitaof else "WAIT",
+    )
