@@ -1,6 +1,8 @@
 """The deployment of compose.yaml as processes on loopback: Redis (AOF, fsync always),
 R replicas (`combiner serve`), W workers (`combiner worker`) and HAProxy with the very
-config in deploy/haproxy.cfg. Every process is ours, started and stopped by PID."""
+config in deploy/haproxy.cfg. Every process is ours, started and stopped by PID.
+With redis_url=, the replicas and workers use that Redis (e.g. a tests/sentinel.py
+topology's redis+sentinel:// URL) and the Cluster starts none of its own."""
 
 from __future__ import annotations
 
@@ -99,7 +101,9 @@ class Cluster:
         workers: int = 1,
         replica_args: tuple[str, ...] = (),
         worker_args: tuple[str, ...] = (),
+        redis_url: str | None = None,
     ) -> None:
+        """redis_url: a Redis someone else runs (and stops); else the Cluster's own."""
         if not 1 <= replicas <= MAX_REPLICAS:
             raise ValueError(f"1..{MAX_REPLICAS} replicas")
         self.tmp = tmp
@@ -108,7 +112,9 @@ class Cluster:
         self.n_workers = workers
         self.replica_args = replica_args
         self.worker_args = worker_args
-        self.redis = RedisServer(appendonly=True, fsync="always")
+        # None with redis_url= given: restart_redis() is for the Cluster's own Redis only
+        self.redis = None if redis_url else RedisServer(appendonly=True, fsync="always")
+        self._redis_url = redis_url
         self.replicas: list[Child] = []
         self.workers: list[Child] = []
         self.haproxy: subprocess.Popen | None = None
@@ -120,11 +126,17 @@ class Cluster:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def redis_url(self) -> str:
+        """The URL every replica and worker is given."""
+        return self._redis_url or self.redis.url
+
+    @property
     def common(self) -> list[str]:
-        return ["--redis-url", self.redis.url, "--prefix", self.prefix]
+        return ["--redis-url", self.redis_url, "--prefix", self.prefix]
 
     def start(self) -> Cluster:
-        self.redis.start()
+        if self.redis is not None:
+            self.redis.start()
         for i in range(self.n_replicas):
             self.replicas.append(self._replica(i, free_port()).start(wait_listening=True))
         for i in range(self.n_workers):
@@ -193,6 +205,7 @@ class Cluster:
 
     def restart_redis(self, kill: bool = True) -> None:
         """Crash (SIGKILL) or stop Redis, then start it again on the same port and data."""
+        assert self.redis is not None, "not the Cluster's own Redis (redis_url= given)"
         if kill:
             self.redis.kill()
         else:
@@ -210,4 +223,5 @@ class Cluster:
         stop_haproxy(self.haproxy)
         for child in [*self.workers, *self.replicas]:
             child.stop(timeout=5)
-        self.redis.close()
+        if self.redis is not None:
+            self.redis.close()
