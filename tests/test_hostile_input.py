@@ -35,7 +35,9 @@ COMBINER = [(s, m) for s, m in METHODS if s.name == "CombinerClient"]
 
 
 async def keys(broker, prefix: str) -> set[bytes]:
-    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*")}
+    """Keys under the prefix but the schema version, which every connect writes."""
+    schema = broker._keys.schema.encode()
+    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*") if k != schema}
 
 
 @pytest.fixture
