@@ -12,6 +12,7 @@ import yaml
 
 from combiner.cli import main
 from tests.cluster import HAPROXY_CFG, HAPROXY_TLS_CFG, ROOT
+from tests.services import wait_for
 
 COMPOSE = ROOT / "compose.yaml"
 COMPOSE_TLS = ROOT / "compose.tls.yaml"
@@ -257,3 +258,78 @@ async def test_grpc_and_http_through_haproxy_tls(make_replica, tmp_path):
     finally:
         await asyncio.to_thread(stop_haproxy, haproxy)
         await runner.cleanup()
+
+
+# --- the Sentinel variant (compose.sentinel.yaml, deploy/sentinel.conf) ----------------------
+
+COMPOSE_SENTINEL = ROOT / "compose.sentinel.yaml"
+SENTINEL_CONF = ROOT / "deploy" / "sentinel.conf"
+
+
+def test_compose_sentinel_variant_finds_the_master_through_its_sentinels():
+    from broker.topology import parse_sentinel
+
+    services = yaml.safe_load(COMPOSE_SENTINEL.read_text())["services"]
+    combiner = [s for s in services.values() if s.get("image") == "redis-combiner:latest"]
+    assert sorted(s["command"][0] for s in combiner) == ["serve"] * 3 + ["worker"] * 2
+    for service in combiner:
+        parse(service["command"])
+        env = service["environment"]
+        target = parse_sentinel(env["COMBINER_REDIS_URL"])
+        parse([service["command"][0], "--durability", env["COMBINER_DURABILITY"]])
+    sentinels = {n for n, s in services.items() if "--sentinel" in " ".join(s.get("command", []))}
+    assert sentinels == {"sentinel1", "sentinel2", "sentinel3"}
+    assert {h for h, _ in target.sentinels} == sentinels
+    assert {p for _, p in target.sentinels} == {26379}
+    # the Sentinels watch the compose master under the URL's name, and a majority decides
+    monitor = next(
+        line.split() for line in SENTINEL_CONF.read_text().splitlines()
+        if line.startswith("sentinel monitor")
+    )  # fmt: skip
+    name, host, port, quorum = monitor[2:]
+    assert (name, host, port) == (target.master, "redis", "6379")
+    assert int(quorum) == len(sentinels) // 2 + 1
+    assert services[host]["command"][0] == "redis-server"
+    replicas = [s for s in services.values() if "--replicaof" in s.get("command", [])]
+    assert len(replicas) == 2 and all(host in s["command"] for s in replicas)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
+def test_the_sentinel_config_runs_on_a_real_sentinel(tmp_path):
+    """deploy/sentinel.conf, pointed at a master on loopback, is accepted by redis-server
+    --sentinel, which then names that master under the compose URL's master name."""
+    import redis
+
+    from broker.embedded import free_port
+    from broker.redis_process import RedisProcess
+
+    master = RedisProcess(tmp_path / "master", appendonly=False)
+    master.start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        SENTINEL_CONF.read_text()
+        .replace("port 26379", f"port {port}\nbind 127.0.0.1\ndir {tmp_path}")
+        .replace("combiner redis 6379", f"combiner 127.0.0.1 {master.port}")
+    )
+    sentinel = subprocess.Popen(
+        [shutil.which("redis-server"), str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+
+    def master_addr():
+        try:
+            return client.sentinel_get_master_addr_by_name("combiner")
+        except redis.ConnectionError:
+            assert sentinel.poll() is None, "redis-server --sentinel refused the config"
+            return None
+
+    try:
+        assert wait_for(master_addr, 20, what="the Sentinel") == ("127.0.0.1", master.port)
+        assert client.sentinel_master("combiner")["quorum"] == 2
+    finally:
+        client.close()
+        sentinel.terminate()
+        sentinel.wait(10)
+        master.close()
