@@ -3,8 +3,9 @@
 The deployment: a Redis Sentinel topology (tests/sentinel.py: one master, two replicas,
 three Sentinels, down-after 1 s), and tests/cluster.py's Cluster on it (two `combiner
 serve` replicas, one `combiner worker`, HAProxy with deploy/haproxy.cfg), every one of
-them given the redis+sentinel:// URL. Three 1.0.0 clients (the published package, started
-by tests/e2e/client_driver.py as in test_cluster.py) attach to HAProxy only; they poll,
+them given the redis+sentinel:// URL and --durability replicated (as compose.sentinel.yaml).
+Three 1.0.0 clients (the published package, started by tests/e2e/client_driver.py as in
+test_cluster.py) attach to HAProxy only; they poll,
 or in the second case stream (SendHeartbeat + TaskStream, which die on one UNAVAILABLE).
 
 Round 2 is collecting when the master is killed: the first client sits in its second
@@ -12,6 +13,10 @@ training call until the test releases it (hold_dir/release-2, harness.release), 
 released right after the kill, so its Upload and SendModelUpdate and the worker's
 aggregation of round 2 meet the failover. The replicas and the worker wait the failover
 out (broker/retry.py, SENTINEL_CALL_SECONDS): no call may fail, no client may die.
+
+Meanwhile a sender (MetricSender) calls SendModelMetric through HAProxy across the kill
+and records every call answered OK: each must be in the new master's stream afterwards
+(counted), and none may have been answered UNAVAILABLE.
 
 What is checked at the end: the session completed with the exact weighted mean; every
 client, replica, the worker and HAProxy still run; no client log has what the 1.0.0
@@ -24,12 +29,17 @@ each round's model.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
+from google.protobuf.wrappers_pb2 import UInt32Value
 
+from combiner.pb import scaleout_pb2 as pb
+from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from tests.cluster import Cluster
 from tests.e2e.harness import E2E, PROCS, release
 from tests.e2e.test_cluster import (
@@ -64,7 +74,12 @@ def system(request, prefix, tmp_path, client_python):
     """A Sentinel topology, a Cluster on its URL (HAProxy in front of two replicas, one
     worker) and an E2E for the real clients; every process's log is attached on failure."""
     topology = SentinelTopology(replicas=2, sentinels=3)
-    cluster = Cluster(tmp_path, prefix, replicas=2, workers=1, redis_url=topology.url)
+    # as compose.sentinel.yaml runs them: a write is answered once a Redis replica has it
+    durable = ("--durability", "replicated")
+    cluster = Cluster(
+        tmp_path, prefix, replicas=2, workers=1, redis_url=topology.url,
+        replica_args=durable, worker_args=durable,
+    )  # fmt: skip
     stash = request.node.stash.setdefault(PROCS, [])
     stash.extend(
         LogFile(name, tmp_path / f"{name}.log")
@@ -175,18 +190,59 @@ def assert_updates_stored(e2e, view, clients) -> int:
     return count
 
 
-def acknowledged_metrics(view) -> dict[str, int]:
-    """Round id -> how many SendModelMetric records the session stored for it.
+class MetricSender(threading.Thread):
+    """SendModelMetric through HAProxy as fast as it is answered, each with its own step,
+    from before the kill until stopped; remembers which steps were answered OK (with
+    --durability replicated each of those must survive the failover). It sends as one of
+    the training clients (any other id would be an online client, chosen for the next
+    round), with steps from FIRST_STEP up, which the client package never sends."""
 
-    TODO(issue 14, part 2: `--durability replicated`, being built in broker/durability.py):
-    once the replicas take that flag, add a test (or parametrize this one) with
-    Cluster(replica_args=worker_args=("--durability", "replicated",
-    "--durability-replicas", "1")), have the clients
-    send metrics during training (client_package/'s train callback would call
-    client.log_metric(...); today it sends none, so this is all zeros), count in each
-    client's log the SendModelMetric calls answered OK, and assert that each of them is
-    among these records after the failover (an OK under WAIT must never be lost)."""
-    return {r["round_id"]: len(r["metrics"]) for r in view["rounds"]}
+    FIRST_STEP = 1_000_000
+
+    def __init__(self, address: str, client_id: str) -> None:
+        super().__init__(daemon=True)
+        self.address = address
+        self.client_id = client_id
+        self.acked: list[int] = []
+        self.refused: dict[str, int] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.CombinerClientStub(channel)
+            step = self.FIRST_STEP
+            while not self.done.is_set():
+                step += 1
+                message = pb.ModelMetric(
+                    client_id=self.client_id,
+                    metrics=[pb.MetricElem(key="loss", value=1.0 / step)],
+                    step=UInt32Value(value=step),
+                )
+                try:
+                    stub.SendModelMetric(message, timeout=15)
+                    self.acked.append(step)
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                    self.refused[code] = self.refused.get(code, 0) + 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(30)
+
+
+def stored_steps(topology: SentinelTopology, prefix: str, client_id: str) -> set[int]:
+    """The steps of the sender's metrics in the inbound stream on the current master."""
+    client = redis.Redis(port=topology.master_port(), socket_timeout=5)
+    try:
+        entries = client.xrange(f"{prefix}:in:metrics")
+    finally:
+        client.close()
+    return {
+        int(fields[b"step"])
+        for _, fields in entries
+        if fields.get(b"client_id") == client_id.encode()
+        and int(fields.get(b"step") or 0) >= MetricSender.FIRST_STEP
+    }
 
 
 # --- the test -------------------------------------------------------------------------------
@@ -212,10 +268,22 @@ def test_kill_9_of_the_redis_master_mid_session(system, mode):
     assert before["rounds"][0]["status"] == "done", before
     trouble_before = redis_trouble(cluster)
 
+    sender = MetricSender(cluster.target, clients[1].client_id)
+    sender.start()
+    wait_for(lambda: len(sender.acked) >= 20, 30, what="metrics acknowledged before the kill")
     old, killed_at, lag = kill_master(topology)
     release(hold, KILLED_IN)  # its update goes out while there is no master
     new = wait_promoted(topology, old, check)
     failover = time.monotonic() - killed_at
+    acked_at_promotion = len(sender.acked)
+    wait_for(lambda: len(sender.acked) >= acked_at_promotion + 20, 60,
+             what="metrics acknowledged by the new master")  # fmt: skip
+    sender.stop()
+    # every SendModelMetric answered OK is in Redis after the failover; none was UNAVAILABLE
+    stored = stored_steps(topology, e2e.prefix, sender.client_id)
+    lost = sorted(set(sender.acked) - stored)
+    assert not lost, f"{len(lost)} of {len(sender.acked)} acknowledged metrics lost: {lost[:20]}"
+    assert "UNAVAILABLE" not in sender.refused, sender.refused
     assert new in {n.port for n in topology.replicas}, (old, new)
 
     view = finished(session, check)
@@ -231,7 +299,6 @@ def test_kill_9_of_the_redis_master_mid_session(system, mode):
     ]
     assert_survived(clients)
     assert_no_tracebacks(cluster)
-    metrics = acknowledged_metrics(view)  # TODO(issue 14, part 2): assert on these
 
     trouble = redis_trouble(cluster)
     print(
@@ -240,5 +307,6 @@ def test_kill_9_of_the_redis_master_mid_session(system, mode):
         f"bytes at the kill; {len(tasks)} tasks and "
         f"{updates} model updates all on the new master; retried Redis calls per process "
         f"{ {k: trouble[k] - trouble_before.get(k, 0) for k in trouble} }; "
-        f"metrics per round {metrics}"
+        f"SendModelMetric: {len(sender.acked)} answered OK, all stored, refused "
+        f"{sender.refused}"
     )
