@@ -62,9 +62,9 @@ def synced(replica: RedisProcess, master: RedisProcess, timeout: float = 20.0) -
         its.close()
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """A master and one replica of it."""
+@contextlib.contextmanager
+def master_and_replica():
+    """A master and one replica of it, in sync; both stopped at the end."""
     master = RedisProcess(options=FAST_SYNC)
     replica = replica_of(master)
     try:
@@ -75,6 +75,12 @@ def pair():
     finally:
         replica.close()
         master.close()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with master_and_replica() as both:
+        yield both
 
 
 def settings(mode: str = "replicated", **kw) -> Settings:
@@ -303,12 +309,7 @@ async def test_a_cut_off_replica_promoted_after_a_kill(mode):
     killed -9, the replica is promoted (REPLICAOF NO ONE, as Sentinel would). Local: every
     entry answered OK meanwhile is gone. Replicated: none of them was answered OK. (A paused
     replica would not do: what the master sent waits in its socket's kernel buffer.)"""
-    master = RedisProcess(options=FAST_SYNC)
-    replica = replica_of(master)
-    try:
-        master.start()
-        replica.start()
-        synced(replica, master)
+    with master_and_replica() as (master, replica):
         acked, failed = [], 0
         async with connect(master.url, settings=settings(mode, durability_timeout=0.1)) as b:
             stream = b._keys.inbound("metrics")
@@ -340,9 +341,6 @@ async def test_a_cut_off_replica_promoted_after_a_kill(mode):
             assert len(acked) == 20 and len(lost) == 20
         else:
             assert acked == [] and failed == 20
-    finally:
-        replica.close()
-        master.close()
 
 
 def _promote(client: redis.Redis) -> bool:
