@@ -98,6 +98,8 @@ class CertificateFiles:
         self.pair = load_pair(cert_path, key_path)  # raises at start: a clear error
         self._failed_stamp: tuple | None = None
         self._contexts: list[ssl.SSLContext] = []
+        # the loop the SSLContexts serve handshakes on (ssl_context() records it)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._grpc_config = self._grpc_configuration()
         self._grpc_served: Pair | None = None  # the pair grpc was last given
         self.reloads = 0
@@ -121,8 +123,7 @@ class CertificateFiles:
                 return False
             try:
                 pair = load_pair(self.cert_path, self.key_path)
-                for context in self._contexts:
-                    _load_into(context, pair)
+                self._reload_contexts(pair)
             except (TLSConfigError, ssl.SSLError, OSError) as exc:
                 # Mid-renewal (cert written, key not yet) or broken: keep the old pair.
                 if stamp != self._failed_stamp:
@@ -140,6 +141,31 @@ class CertificateFiles:
             pair.not_after,
         )
         return True
+
+    def _reload_contexts(self, pair: Pair) -> None:
+        """Load pair into the live SSLContexts on the loop that serves their handshakes.
+        load_cert_chain sets the chain, then the key: from another thread (grpc's fetcher,
+        watch's worker) a handshake in between met the new chain with the old key and
+        failed (UNEXPECTED_EOF at the client, tests/test_tls.py). On the loop it cannot
+        interleave; the one small temporary file it writes per renewal is the cost."""
+        loop = self._loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or loop is here or loop.is_closed():
+            for context in self._contexts:
+                _load_into(context, pair)
+            return
+
+        def load() -> None:
+            try:
+                for context in self._contexts:
+                    _load_into(context, pair)
+            except (ssl.SSLError, OSError) as exc:  # checked by load_pair: not expected
+                log.warning("TLS certificate not loaded into the HTTP side: %s", exc)
+
+        loop.call_soon_threadsafe(load)
 
     # --- gRPC -----------------------------------------------------------------------------
 
@@ -174,6 +200,11 @@ class CertificateFiles:
         with self._lock:
             _load_into(context, self.pair)
             self._contexts.append(context)
+            if self._loop is None:
+                try:
+                    self._loop = asyncio.get_running_loop()
+                except RuntimeError:  # made outside a loop: reloads load where they run
+                    pass
         return context
 
     async def watch(self, every: float = CHECK_EVERY) -> None:
