@@ -5,6 +5,12 @@ An unpipelined round trip costs about as much as the whole budget of a 4,000 RPS
 commands and returns a parser for their replies; callers arriving in the same event-loop
 turn, or while earlier batches are in flight, share one MULTI/EXEC. MULTI/EXEC makes a
 batch all-or-nothing when the connection drops, so no RPC is half-written.
+
+On a Redis Cluster a transaction cannot span slots, so a batch goes as a plain pipeline
+(``atomic=False``; redis-py sends one per node). Each caller's commands are then applied
+one by one: every hot path's write is one script, or commands that are harmless twice, so
+a batch retried after a dropped connection may store a message twice (at least once, as
+after a client's own retry) but never half of a script.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions as rex
+from redis.asyncio.cluster import ClusterPipeline, PipelineCommand
 
 from broker.errors import BrokerUnavailable
-from broker.retry import RetryPolicy
+from broker.retry import RetryPolicy, transient
 from broker.scripts import Scripts
 
 Build = Callable[[Any], Callable[[list], Any] | None]
@@ -34,8 +41,10 @@ class Batcher:
         max_inflight: int = 1,
         max_batch: int = 1000,
         window: float = 0.0,
+        atomic: bool = True,
     ) -> None:
         self._redis = redis
+        self._atomic = atomic
         self._scripts = scripts
         self._policy = policy
         self._max_batch = max_batch
@@ -131,10 +140,10 @@ class Batcher:
 
     async def _run(self, batch: list[tuple[Build, asyncio.Future]]) -> None:
         try:
-            leftovers = await self._policy.run(self._execute, self._build(batch))
+            leftovers = await self._send(self._build(batch))
             if leftovers:  # NOSCRIPT: Redis lost its script cache; load and run those again
                 await self._policy.run(self._scripts.load, self._redis)
-                leftovers = await self._policy.run(self._execute, self._build(leftovers))
+                leftovers = await self._send(self._build(leftovers))
             for _, fut in leftovers:
                 if not fut.done():
                     fut.set_exception(RuntimeError("lua scripts missing after reload"))
@@ -149,40 +158,59 @@ class Batcher:
         """Queue each caller's commands once. A retry after a connection error re-sends
         them rather than building again: builds have side effects (the presence throttle
         remembers a queued write, so a second build would silently drop it)."""
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._redis.pipeline(transaction=self._atomic)
         spans = []
         for build, fut in batch:
             if fut.done():
                 continue
-            start = len(pipe.command_stack)
+            queue = _queue(pipe)
+            start = len(queue)
             try:
                 parse = build(pipe)
             except Exception as exc:
-                del pipe.command_stack[start:]
+                del queue[start:]
                 fut.set_exception(exc)
                 continue
-            spans.append((build, fut, start, len(pipe.command_stack), parse))
-        return list(pipe.command_stack), spans
+            spans.append((build, fut, start, len(queue), parse))
+        return [_command(c) for c in _queue(pipe)], spans
 
-    async def _execute(self, built):
-        commands, spans = built
+    async def _send(self, built) -> list:
+        """Execute built with the bounded retries; returns the callers that met NOSCRIPT."""
+        state = [built, []]
+        await self._policy.run(self._execute, state)
+        return state[1]
+
+    async def _execute(self, state: list) -> None:
+        """Send state[0] (commands, spans) once; callers that met NOSCRIPT join state[1].
+        On a Cluster, a node that goes away fails only its own commands (the reply holds
+        the error; the other nodes' commands were applied): state[0] becomes the affected
+        callers' commands alone and the error is raised, so the retry re-sends those and
+        nothing twice."""
+        commands, spans = state[0]
         if not spans:
-            return []
-        pipe = self._redis.pipeline(transaction=True)
+            return
+        pipe = self._redis.pipeline(transaction=self._atomic)
         # redis-py may pop per-command options while parsing: each attempt gets copies
-        pipe.command_stack.extend((args, dict(options)) for args, options in commands)
+        for args, options in commands:
+            pipe.execute_command(*args, **dict(options))
         self.round_trips += 1
         try:
             results = await pipe.execute(raise_on_error=False)
         finally:
             await pipe.reset()
-        retry_scripts = []
-        for build, fut, start, end, parse in spans:
+        retry_scripts, resend, trouble = state[1], [], None
+        for span in spans:
+            build, fut, start, end, parse = span
             if fut.done():  # the caller went away (e.g. its RPC was cancelled) meanwhile
                 continue
             mine = results[start:end]
             if any(isinstance(r, rex.NoScriptError) for r in mine):
                 retry_scripts.append((build, fut))
+                continue
+            failed = next((r for r in mine if isinstance(r, Exception) and transient(r)), None)
+            if failed is not None:
+                resend.append(span)
+                trouble = failed
                 continue
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is not None:
@@ -192,4 +220,30 @@ class Batcher:
                 fut.set_result(parse(mine) if callable(parse) else mine)
             except Exception as exc:
                 fut.set_exception(exc)
-        return retry_scripts
+        if resend:
+            state[0] = _only(commands, resend)
+            raise trouble
+
+
+def _only(commands: list, spans: list) -> tuple[list, list]:
+    """The commands of these callers alone, and their spans in that shorter list."""
+    out, kept = [], []
+    for build, fut, start, end, parse in spans:
+        kept.append((build, fut, len(out), len(out) + end - start, parse))
+        out += commands[start:end]
+    return out, kept
+
+
+def _queue(pipe) -> list:
+    """The list of commands a pipeline has queued (redis-py keeps it elsewhere in its
+    cluster pipeline, as PipelineCommand objects)."""
+    if isinstance(pipe, ClusterPipeline):
+        return pipe._execution_strategy._command_queue
+    return pipe.command_stack
+
+
+def _command(queued) -> tuple[tuple, dict]:
+    """(args, options) of one queued command."""
+    if isinstance(queued, PipelineCommand):
+        return queued.args, queued.kwargs
+    return queued

@@ -12,6 +12,7 @@ nothing else may.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -25,15 +26,18 @@ from broker.files import FileUploads
 from broker.inbound import Inbound
 from broker.keys import Keys
 from broker.models import ModelStore
+from broker.partitions import DEFAULT_CLUSTER
 from broker.presence import Presence
 from broker.replicas import Replicas
 from broker.retry import RetryPolicy
 from broker.scripts import Scripts
 from broker.sessions import Sessions
 from broker.tasks import TaskQueues
-from broker.topology import make_client, retry_policy
+from broker.topology import cluster_enabled, is_cluster, make_client, retry_policy
 from broker.wakeups import Wakeups
 from broker.workers import Workers
+
+log = logging.getLogger("broker")
 
 
 def default_replica_id() -> str:
@@ -70,9 +74,16 @@ class Broker:
         self._scripts = Scripts()
         policy = policy or RetryPolicy()
         self._redis = client
-        self._batcher = Batcher(client, self._scripts, policy, window=self._settings.batch_window)
+        self.cluster = is_cluster(client)
+        self._batcher = Batcher(
+            client,
+            self._scripts,
+            policy,
+            window=self._settings.batch_window,
+            atomic=not self.cluster,
+        )
         self._ctx = Context(
-            client, self._keys, self._scripts, policy, self._batcher, self._settings
+            client, self._keys, self._scripts, policy, self._batcher, self._settings, self.cluster
         )
         self.presence = Presence(self._ctx, self.replica_id)
         self.tasks = TaskQueues(self._ctx, self.replica_id, self.presence)
@@ -92,8 +103,17 @@ class Broker:
         scripts (bounded retries). Raises SchemaMismatch if the keys under the prefix were
         written by another schema version (broker/schema.py), BrokerUnavailable if Redis
         is down."""
-        found = await self._ctx.call(schema.claim, self._redis, self._keys)
+        wanted = self._settings.partitions or (DEFAULT_CLUSTER if self.cluster else 1)
+        found, partitions = await self._ctx.call(schema.claim, self._redis, self._keys, wanted)
         schema.check(self._keys, found)
+        if self._settings.partitions and partitions != self._settings.partitions:
+            log.warning(
+                "prefix %r has %d partitions (set when it was first used); %d asked for",
+                self._keys.prefix,
+                partitions,
+                self._settings.partitions,
+            )
+        self._keys.use_partitions(partitions)
         await self._ctx.call(self._scripts.load, self._redis)
 
     async def close(self) -> None:
@@ -107,7 +127,8 @@ class Broker:
         except Exception:
             pass  # Redis gone: those calls fail with BrokerUnavailable by themselves
         await self._redis.aclose()
-        sentinels = getattr(self._redis.connection_pool, "sentinel_manager", None)
+        pool = getattr(self._redis, "connection_pool", None)  # a RedisCluster has none
+        sentinels = getattr(pool, "sentinel_manager", None)
         if sentinels is not None:  # redis+sentinel://: its connections to the Sentinels
             await sentinels.aclose()
 
@@ -127,15 +148,19 @@ class Connecting:
     """What connect() returns: await it for a started Broker the caller closes, or use it as
     `async with connect(url) as broker:`, which closes the Broker however the block ends."""
 
-    def __init__(self, url: str, pool_size: int, **kwargs) -> None:
-        self._url, self._pool_size, self._kwargs = url, pool_size, kwargs
+    def __init__(self, url: str, pool_size: int, cluster: bool | None, **kwargs) -> None:
+        self._url, self._pool_size, self._cluster, self._kwargs = url, pool_size, cluster, kwargs
         self._broker: Broker | None = None
 
     async def _open(self) -> Broker:
         kwargs = dict(self._kwargs)
-        kwargs["policy"] = kwargs.get("policy") or retry_policy(self._url)
+        cluster = self._cluster
+        if cluster is None:
+            policy = kwargs.get("policy") or retry_policy(self._url)
+            cluster = await policy.run(cluster_enabled, self._url)
+        kwargs["policy"] = kwargs.get("policy") or retry_policy(self._url, cluster)
         confirm = durability.confirmation(kwargs.get("settings") or Settings())
-        broker = Broker(make_client(self._url, self._pool_size, confirm), **kwargs)
+        broker = Broker(make_client(self._url, self._pool_size, confirm, cluster), **kwargs)
         try:
             with durability.unconfirmed():  # starts with its replicas away (durability.py)
                 await broker.start()
@@ -166,10 +191,14 @@ def connect(
     model_dir: str | None = None,
     policy: RetryPolicy | None = None,
     pool_size: int = 16,
+    cluster: bool | None = None,
 ) -> Connecting:
+    """A Broker on the Redis at url. cluster: None detects a Redis Cluster from the server
+    (broker/topology.py), True or False forces the mode."""
     return Connecting(
         url,
         pool_size,
+        cluster,
         settings=settings,
         replica_id=replica_id,
         model_dir=model_dir,

@@ -42,13 +42,13 @@ class Catalog:
         }
 
         async def write():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.hsetnx(keys.catalog_model(model_id), "model_id", model_id)
             pipe.hgetall(keys.catalog_model(model_id))
             created, raw = await pipe.execute()
             if not created and len(raw) > 1:
                 return text_map(raw)
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.hset(keys.catalog_model(model_id), mapping=entry)
             pipe.zadd(keys.catalog_models, {model_id: now}, nx=True)
             await pipe.execute()
@@ -103,7 +103,7 @@ class Catalog:
         package_id = entry["package_id"]
 
         async def write():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.hset(keys.package(package_id), mapping=entry)
             pipe.zadd(keys.packages, {package_id: float(entry["committed_at"])})
             if activate:

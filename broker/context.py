@@ -25,6 +25,9 @@ class Settings:
     durability: str = "local"
     durability_replicas: int = 1
     durability_timeout: float = 1.0
+    # Partitions of the per-client keys (broker/partitions.py); 0: 1 on a standalone Redis
+    # or Sentinel, partitions.DEFAULT_CLUSTER on a Cluster. Only a fresh prefix takes it.
+    partitions: int = 0
 
 
 @dataclass
@@ -35,6 +38,13 @@ class Context:
     policy: RetryPolicy
     batcher: Batcher
     settings: Settings
+    cluster: bool = False  # a Redis Cluster: no MULTI across slots (broker/topology.py)
+
+    def pipeline(self, atomic: bool = True):
+        """A pipeline; MULTI/EXEC (all or nothing) where the topology allows it. On a
+        Cluster a transaction cannot span slots, so there the commands go as a plain
+        pipeline: each is applied or not on its own, and callers keep them idempotent."""
+        return self.redis.pipeline(transaction=atomic and not self.cluster)
 
     async def call(self, fn, *args, **kwargs):
         """One direct Redis call (off the hot paths) with the bounded retries."""

@@ -27,7 +27,7 @@ class FileUploads:
                 "created": now_str()}  # fmt: skip
 
         async def write():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.hset(keys.file(upload_id), mapping=info)
             pipe.expire(keys.file(upload_id), ttl)
             await pipe.execute()
@@ -61,7 +61,7 @@ class FileUploads:
             raise TooLarge(f"more bytes than the announced file_size {info['file_size']}")
 
         async def write():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.rpush(chunks, data)
             pipe.hincrby(keys.file(upload_id), "received", len(data))
             pipe.expire(chunks, ttl)

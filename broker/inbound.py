@@ -69,7 +69,8 @@ class Inbound:
         Raises InvalidInput, before writing, for a value over its limit (broker/limits.py)."""
         check_ids(client_id=client_id, name=name)
         check_fields(fields)
-        stream = self._ctx.keys.inbound(kind)
+        keys = self._ctx.keys
+        stream = keys.inbound(kind, keys.partition_of(client_id))
         entry = {"client_id": client_id, "received_at": now_str(), **encode_entry(fields)}
         check_size(kind, entry.items())
         maxlen = self._ctx.settings.stream_maxlen
@@ -106,15 +107,16 @@ class Inbound:
         check_fields(fields)
         keys = self._ctx.keys
         t = now_str()
+        model = await self._model_meta(require_model) if require_model is not None else []
         args = [self._ctx.settings.stream_maxlen, client_id, t, "1" if strict else "0", len(result)]
+        args += model or ["", "", "", ""]
         for k, v in result.items():
             args += [k, v]
         for k, v in {"client_id": client_id, "received_at": t, **fields}.items():
             args += [k, v]
-        check_size(kind, zip(args[5::2], args[6::2], strict=True))
-        script_keys = [keys.inbound(kind), keys.task(client_id, correlation_id)]
-        if require_model is not None:
-            script_keys.append(keys.model(require_model))
+        check_size(kind, zip(args[9::2], args[10::2], strict=True))
+        stream = keys.inbound(kind, keys.partition_of(client_id))
+        script_keys = [stream, keys.task(client_id, correlation_id)]
 
         if strict:
             # the presence write must wait for the script's verdict: a refused result
@@ -134,6 +136,24 @@ class Inbound:
             return lambda replies: bool(replies[0][1])
 
         return await self._presence.submit(client_id, build)
+
+    async def _model_meta(self, model_id: str) -> list[str]:
+        """What ingest_result.lua needs of an update's model (ARGV 6-9). Read before the
+        script, since the model's keys are in another slot; its uploader never changes
+        once recorded (model_begin.lua), and state and committed_at only matter as they
+        are now: a model committed after this read is newer than the task anyway."""
+        uploader, state, committed, exists = await self._ctx.call(self._read_meta, model_id)
+        if not exists:
+            return ["none", "", "", ""]
+        known = "meta" if uploader is not None else "anonymous"
+        return [known, *map(text, (uploader, state, committed))]
+
+    async def _read_meta(self, model_id: str):
+        pipe = self._ctx.redis.pipeline(transaction=False)
+        pipe.hmget(self._ctx.keys.model(model_id), "uploader", "state", "committed_at")
+        pipe.exists(self._ctx.keys.model(model_id))
+        (uploader, state, committed), exists = await pipe.execute()
+        return uploader, state, committed, exists
 
     # --- consumer groups over every inbound stream (the workers' side) ---------------------
 

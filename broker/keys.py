@@ -4,37 +4,42 @@ Every key starts with a configurable prefix (default ``so``). Client-supplied st
 (client ids, correlation ids, model ids) are percent-encoded before they go into a key:
 everything outside ``[A-Za-z0-9._~-]`` becomes ``%XX`` of its UTF-8 bytes, so an id with
 ``{ } : * %``, spaces, newlines or unicode can neither collide with another id nor escape
-its namespace, and the Redis Cluster hash tag ``{c:<id>}`` stays intact.
+its namespace, and no id can open or close a hash tag.
 
-Per-client keys carry the hash tag ``{c:<client>}`` so a client's record, queue and task
-records live in one slot (the poll script touches only those).
+Keys that many clients share are split into N partitions (broker/partitions.py): a
+client's own keys and its partition's shared keys carry the partition's hash tag ``{T}``, so
+every script touches one Redis Cluster slot. N is 1 on a standalone Redis or Sentinel, and
+fixed per prefix when it is first used (``P:partitions``). A model's keys share the tag
+``{M}`` (its id), an upload's ``{U}``. Keys without a tag are read or written one at a time.
 
 =================================  ======  ===========================================
 key                                type    holds
 =================================  ======  ===========================================
-P:{c:C}:client                     hash    id, name, status, last_seen, current, replica
-P:{c:C}:queue                      list    correlation ids of queued tasks (FIFO:
+P:{T}:c:C:client                   hash    id, name, status, last_seen, current, replica
+P:{T}:c:C:queue                    list    correlation ids of queued tasks (FIFO:
                                            LPUSH in, RPOP out)
-P:{c:C}:task:T                     hash    one task: type, model_id, data, session_id,
+P:{T}:c:C:task:X                   hash    one task: type, model_id, data, session_id,
                                            round_id, state, flag, report, result ...
-P:{c:C}:streamed                   set     tasks C's TaskStreams took and no result answered
+P:{T}:c:C:streamed                 set     tasks C's TaskStreams took and no result answered
                                            yet (put back when C opens a new stream)
-P:{c:C}:models                     set     model ids of C's tasks: the models C may download
+P:{T}:c:C:models                   set     model ids of C's tasks: the models C may download
                                            (expires with the task TTL, renewed per push)
-P:taskref:T                        string  client id owning task T (lookup by id alone)
-P:clients                          zset    client id -> last seen (unix seconds)
-P:streams                          zset    client id -> lease expiry of an open TaskStream
+P:{T}:c:C:rec:KIND                 list    the client's latest records (capped)
+P:{T}:taskref:X                    string  client id owning task X (lookup by id alone)
+P:{T}:clients                      zset    client id -> last seen (unix seconds)
+P:{T}:streams                      zset    client id -> lease expiry of an open TaskStream
+P:{T}:in:KIND                      stream  inbound messages (updates, validations, ...)
+P:{T}:wake                         pubsub  wake-ups for TaskStreams: encoded client ids,
+                                           one per line, whose queues got tasks (sharded
+                                           pub/sub on a Cluster)
 P:replicas                         zset    replica id -> lease expiry
 P:replica:R                        hash    id, address, pid, started, streams, clients, seen
 P:workers                          zset    worker id -> lease expiry
 P:worker:W                         hash    id, pid, started, seen, roles (JSON: role -> health)
-P:in:KIND                          stream  inbound messages (updates, validations, ...)
-P:model:M                          hash    model meta: state, size, sha256, store, chunks,
+P:model:{M}                        hash    model meta: state, size, sha256, store, chunks,
                                            uploader (client id; '' for operators, workers)
-P:model:M:chunks                   list    the model's bytes in <= 1 MiB chunks (redis store)
-P:model:M:upload:U                 list    chunks of an upload in progress (expires)
-P:wake                             pubsub  wake-ups for TaskStreams: encoded client ids,
-                                           one per line, whose queues got tasks
+P:model:{M}:chunks                 list    the model's bytes in <= 1 MiB chunks (redis store)
+P:model:{M}:upload:U               list    chunks of an upload in progress (expires)
 P:sessions                         zset    session id -> created (unix seconds)
 P:session:S                        hash    session: status, config, current round,
                                            model_id, seed_model_id, error, driver
@@ -45,7 +50,6 @@ P:session:S:round:R                hash    round: status, model_in, model_out, c
 P:session:S:round:R:tasks          hash    training correlation id -> client id
 P:session:S:round:R:validations    hash    validation correlation id -> client id
 P:session:S:rec:KIND               hash    stream entry id -> record (metrics, ...)
-P:{c:C}:rec:KIND                   list    the client's latest records (capped)
 P:catalog:models                   zset    global model id -> committed (seeds, round models)
 P:catalog:model:M                  hash    model_id, parent_model, session_id, round_id,
                                            name, committed_at (broker/catalog.py)
@@ -54,9 +58,9 @@ P:package:K                        hash    package_id, name, file_name, checksum
                                            (where its bytes are), helper, description,
                                            size, committed_at
 P:packages:active                  string  the active package's id
-P:file:U                           hash    an HTTP file upload: file_name, file_size,
+P:file:{U}                         hash    an HTTP file upload: file_name, file_size,
                                            received, state (expires, broker/files.py)
-P:file:U:chunks                    list    its chunks (expires)
+P:file:{U}:chunks                  list    its chunks (expires)
 P:session-names                    hash    session name -> session id
 P:auth:token:I                     hash    refresh token I (first 16 hex of its SHA-256):
                                            hash, client_id, role, created, expires, status
@@ -66,6 +70,7 @@ P:auth:revoked                     zset    revoked token id -> when to forget it
 P:auth:revocations                 string  counter, bumped by every revocation
 P:schema                           string  the schema version these keys were written by
                                            (broker/schema.py; set by the first connect)
+P:partitions                       string  N, the number of partitions (set with P:schema)
 =================================  ======  ===========================================
 """
 
@@ -73,6 +78,8 @@ from __future__ import annotations
 
 import re
 from urllib.parse import quote, unquote
+
+from broker.partitions import partition_of, tags
 
 # Inbound stream kinds, one stream each (P:in:<kind>).
 INBOUND_KINDS = (
@@ -102,19 +109,36 @@ def decode_id(value: str) -> str:
 class Keys:
     """Builds every key name from one prefix."""
 
-    def __init__(self, prefix: str = "so") -> None:
+    def __init__(self, prefix: str = "so", partitions: int = 1) -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"key prefix must match {_PREFIX_RE.pattern}, got {prefix!r}")
         self.prefix = prefix
+        self.use_partitions(partitions)
+
+    def use_partitions(self, n: int) -> None:
+        """Set N (Broker.start does, from what P:partitions holds)."""
+        self._tags = tuple(f"{self.prefix}:{{{t}}}" for t in tags(n))
+        self.partitions = n
+
+    def partition_of(self, client_id: str) -> int:
+        return partition_of(client_id, self.partitions)
+
+    @property
+    def all_partitions(self) -> range:
+        return range(self.partitions)
+
+    @property
+    def partition_count(self) -> str:
+        return f"{self.prefix}:partitions"
 
     @property
     def schema(self) -> str:
         """The schema version of every key under the prefix (broker/schema.py)."""
         return f"{self.prefix}:schema"
 
-    # per client (one hash slot per client)
+    # per client (in its partition's slot)
     def client_tag(self, client_id: str) -> str:
-        return f"{self.prefix}:{{c:{encode_id(client_id)}}}"
+        return f"{self._tags[self.partition_of(client_id)]}:c:{encode_id(client_id)}"
 
     def client(self, client_id: str) -> str:
         return f"{self.client_tag(client_id)}:client"
@@ -137,17 +161,25 @@ class Keys:
         """What the poll script prepends to an (encoded) correlation id."""
         return f"{self.client_tag(client_id)}:task:"
 
+    # per partition (p: 0..N-1; a client's is partition_of(client id))
+    def taskref(self, correlation_id: str, p: int) -> str:
+        return f"{self._tags[p]}:taskref:{encode_id(correlation_id)}"
+
+    def clients(self, p: int = 0) -> str:
+        return f"{self._tags[p]}:clients"
+
+    def streams(self, p: int = 0) -> str:
+        return f"{self._tags[p]}:streams"
+
+    def inbound(self, kind: str, p: int = 0) -> str:
+        if kind not in INBOUND_KINDS:
+            raise ValueError(f"unknown inbound stream {kind!r}")
+        return f"{self._tags[p]}:in:{kind}"
+
+    def wake(self, p: int = 0) -> str:
+        return f"{self._tags[p]}:wake"
+
     # global
-    def taskref(self, correlation_id: str) -> str:
-        return f"{self.prefix}:taskref:{encode_id(correlation_id)}"
-
-    @property
-    def clients(self) -> str:
-        return f"{self.prefix}:clients"
-
-    @property
-    def streams(self) -> str:
-        return f"{self.prefix}:streams"
 
     @property
     def replicas(self) -> str:
@@ -163,23 +195,14 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{encode_id(worker_id)}"
 
-    def inbound(self, kind: str) -> str:
-        if kind not in INBOUND_KINDS:
-            raise ValueError(f"unknown inbound stream {kind!r}")
-        return f"{self.prefix}:in:{kind}"
-
     def model(self, model_id: str) -> str:
-        return f"{self.prefix}:model:{encode_id(model_id)}"
+        return f"{self.prefix}:model:{{{encode_id(model_id)}}}"
 
     def model_chunks(self, model_id: str) -> str:
         return f"{self.model(model_id)}:chunks"
 
     def model_upload(self, model_id: str, upload_id: str) -> str:
         return f"{self.model(model_id)}:upload:{upload_id}"
-
-    @property
-    def wake(self) -> str:
-        return f"{self.prefix}:wake"
 
     # sessions and rounds
     @property
@@ -226,7 +249,7 @@ class Keys:
         return f"{self.prefix}:packages:active"
 
     def file(self, upload_id: str) -> str:
-        return f"{self.prefix}:file:{encode_id(upload_id)}"
+        return f"{self.prefix}:file:{{{encode_id(upload_id)}}}"
 
     def file_chunks(self, upload_id: str) -> str:
         return f"{self.file(upload_id)}:chunks"

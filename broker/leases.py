@@ -22,7 +22,7 @@ class Leases:
         key = self._record_key(member)
 
         async def write():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.zadd(self._index, {member: time.time() + lease})
             pipe.hset(key, mapping=record.to_hash())
             pipe.expire(key, int(lease) + 1)
@@ -32,7 +32,7 @@ class Leases:
 
     async def drop(self, member: str) -> None:
         async def delete():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.zrem(self._index, member)
             pipe.delete(self._record_key(member))
             await pipe.execute()

@@ -145,7 +145,7 @@ class Upload:
         if index in self._tried and await ctx.redis.llen(key) == index + 1:
             return
         self._tried.add(index)
-        pipe = ctx.redis.pipeline(transaction=True)
+        pipe = ctx.pipeline()
         pipe.rpush(key, chunk)
         pipe.expire(key, ctx.settings.upload_ttl)
         length, _ = await pipe.execute()

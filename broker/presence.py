@@ -48,7 +48,7 @@ class Presence:
         if name:
             fields["name"] = name
         pipe.hset(keys.client(client_id), mapping=fields)
-        pipe.zadd(keys.clients, {client_id: t})
+        pipe.zadd(keys.clients(keys.partition_of(client_id)), {client_id: t})
 
     def forget_throttle(self, client_id: str) -> None:
         self._last_write.pop(client_id, None)
@@ -90,14 +90,16 @@ class Presence:
                 keys.client(client_id),
                 mapping={"id": client_id, "status": "offline", "disconnected_at": now_str()},
             )
-            pipe.zadd(keys.clients, {client_id: 0})  # offline at once, still listed
+            # offline at once, still listed
+            pipe.zadd(keys.clients(keys.partition_of(client_id)), {client_id: 0})
             self._event_commands(pipe, client_id, "disconnect")
 
         await self._ctx.batcher.submit(build)
 
     def _event_commands(self, pipe, client_id: str, event: str) -> None:
+        keys = self._ctx.keys
         pipe.xadd(
-            self._ctx.keys.inbound("presence"),
+            keys.inbound("presence", keys.partition_of(client_id)),
             {"client_id": client_id, "event": event, "replica": self._replica, "ts": now_str()},
             maxlen=self._ctx.settings.stream_maxlen,
             approximate=True,
@@ -111,14 +113,22 @@ class Presence:
         for c in client_ids:
             self.served(c, t)
 
+        by_partition: dict[int, list[str]] = {}
+        for c in client_ids:
+            by_partition.setdefault(keys.partition_of(c), []).append(c)
+
         def build(pipe):
-            pipe.zadd(keys.streams, {c: t + lease for c in client_ids})
-            pipe.zadd(keys.clients, {c: t for c in client_ids})
+            for p, ids in by_partition.items():
+                pipe.zadd(keys.streams(p), {c: t + lease for c in ids})
+                pipe.zadd(keys.clients(p), {c: t for c in ids})
 
         await self._ctx.batcher.submit(build)
 
     async def end_stream(self, client_id: str) -> None:
-        await self._ctx.batcher.submit(lambda pipe: pipe.zrem(self._ctx.keys.streams, client_id))
+        keys = self._ctx.keys
+        await self._ctx.batcher.submit(
+            lambda pipe: pipe.zrem(keys.streams(keys.partition_of(client_id)), client_id)
+        )
 
     async def online(self) -> list[str]:
         """Ids of clients online now: recent contact or an open TaskStream."""
@@ -127,12 +137,12 @@ class Presence:
 
         async def read():
             pipe = self._ctx.redis.pipeline(transaction=False)
-            pipe.zrangebyscore(keys.clients, seen_after, "+inf")
-            pipe.zrangebyscore(keys.streams, t, "+inf")
+            for p in keys.all_partitions:
+                pipe.zrangebyscore(keys.clients(p), seen_after, "+inf")
+                pipe.zrangebyscore(keys.streams(p), t, "+inf")
             return await pipe.execute()
 
-        recent, streaming = await self._ctx.call(read)
-        return sorted({text(c) for c in recent} | {text(c) for c in streaming})
+        return sorted({text(c) for ids in await self._ctx.call(read) for c in ids})
 
     async def client(self, client_id: str) -> dict[str, str]:
         raw = await self._ctx.call(self._ctx.redis.hgetall, self._ctx.keys.client(client_id))
@@ -159,7 +169,10 @@ class Presence:
         cutoff = now() - self._ctx.settings.offline_after
 
         async def sweep():
-            stale = await self._ctx.redis.zrangebyscore(keys.clients, "-inf", cutoff)
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for p in keys.all_partitions:
+                pipe.zrangebyscore(keys.clients(p), "-inf", cutoff)
+            stale = [c for ids in await pipe.execute() for c in ids]
             if not stale:
                 return 0
             pipe = self._ctx.redis.pipeline(transaction=False)
@@ -178,7 +191,12 @@ class Presence:
 
     async def clients(self) -> dict[str, float]:
         """Every client ever seen (and not disconnected) -> last seen."""
-        got = await self._ctx.call(
-            self._ctx.redis.zrange, self._ctx.keys.clients, 0, -1, withscores=True
-        )
-        return {text(c): float(s) for c, s in got}
+        keys = self._ctx.keys
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for p in keys.all_partitions:
+                pipe.zrange(keys.clients(p), 0, -1, withscores=True)
+            return await pipe.execute()
+
+        return {text(c): float(s) for got in await self._ctx.call(read) for c, s in got}

@@ -13,6 +13,11 @@ process checks it when it connects (Broker.start, before anything else touches t
 
 Read-only CLI commands connect the same way, so they refuse a mismatch too, and on a prefix
 without the key they write it like any other process (one key; nothing else is written).
+
+The number of partitions (broker/partitions.py) is part of the layout: ``P:partitions`` is
+claimed the same way, in the same round trip, and whatever it holds wins over what a process
+was started with (a process that asked for another number logs that and follows the
+prefix). Version 2 introduced partitions; version 1 keys are refused.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from broker.keys import Keys
 # re-encoded, a hash turned into a stream, ...) that code of the previous version would
 # misread, and describe the move in docs/operations.md. Adding a key or a field that old
 # code simply ignores needs no bump.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,8}\Z")
 
@@ -40,18 +45,27 @@ MOVE_HINT = (
 )
 
 
-async def claim(redis, keys: Keys) -> bytes | None:
-    """Write SCHEMA_VERSION if the prefix has none yet, and return what the key holds now
-    (one round trip). Raises SchemaMismatch if it is not a string."""
+async def claim(redis, keys: Keys, partitions: int) -> tuple[bytes | None, int]:
+    """Write SCHEMA_VERSION and the partition count if the prefix has none yet, and return
+    what the version key holds now and the partition count in force (one round trip).
+    Raises SchemaMismatch if either key is not a string or the count is not a number."""
     pipe = redis.pipeline(transaction=False)
     pipe.set(keys.schema, SCHEMA_VERSION, nx=True)
     pipe.get(keys.schema)
-    _, found = await pipe.execute(raise_on_error=False)
-    if isinstance(found, rex.ResponseError) and str(found).startswith("WRONGTYPE"):
-        raise mismatch(keys, "a key that is not a string")
-    if isinstance(found, Exception):
-        raise found  # anything else (LOADING, NOPERM, ...): as from any other call
-    return found
+    pipe.set(keys.partition_count, partitions, nx=True)
+    pipe.get(keys.partition_count)
+    _, found, _, count = await pipe.execute(raise_on_error=False)
+    for reply in (found, count):
+        if isinstance(reply, rex.ResponseError) and str(reply).startswith("WRONGTYPE"):
+            raise mismatch(keys, "a key that is not a string")
+        if isinstance(reply, Exception):
+            raise reply  # anything else (LOADING, NOPERM, ...): as from any other call
+    if count is None:  # deleted in between (a FLUSHDB): nothing to misread
+        return found, partitions
+    try:
+        return found, int(count)
+    except ValueError:
+        raise mismatch(keys, f"{keys.partition_count} = {count[:40]!r}") from None
 
 
 def check(keys: Keys, found: bytes | None) -> None:

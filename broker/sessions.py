@@ -45,7 +45,7 @@ class Sessions:
                 return "id"
             if name and not await self._ctx.redis.hsetnx(keys.session_names, name, session_id):
                 return "name"
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.hsetnx(keys.session(session_id), "id", session_id)
             pipe.hset(keys.session(session_id), mapping=record)
             pipe.zadd(keys.sessions, {session_id: time.time()})
@@ -202,7 +202,7 @@ class Sessions:
         key = self._ctx.keys.round(session_id, round_id)
 
         async def once():
-            pipe = self._ctx.redis.pipeline(transaction=True)
+            pipe = self._ctx.pipeline()
             pipe.hsetnx(key, field, str(value))
             pipe.hget(key, field)
             _, stored = await pipe.execute()

@@ -95,7 +95,7 @@ class TaskQueues:
     ) -> str:
         """Queue one task for one client and wake its TaskStream; returns the correlation id."""
         correlation_id = correlation_id or str(uuid.uuid4())
-        [build] = self._push_calls(
+        [build], _ = self._push_calls(
             [client_id], [correlation_id], task_type, model_id, data, session_id, round_id
         )
         ok = await self._ctx.batcher.submit(build)
@@ -120,7 +120,7 @@ class TaskQueues:
         corrs = correlation_ids or [str(uuid.uuid4()) for _ in client_ids]
         if len(corrs) != len(client_ids):
             raise InvalidInput("one correlation id per client")
-        builds = self._push_calls(
+        builds, order = self._push_calls(
             client_ids, corrs, task_type, model_id, data, session_id, round_id
         )
         replies = await asyncio.gather(
@@ -131,13 +131,17 @@ class TaskQueues:
             if isinstance(reply, BaseException):
                 raise reply
             queued += reply[0]
-        return [corr if ok else None for corr, ok in zip(corrs, queued, strict=True)]
+        out: list[str | None] = [None] * len(corrs)
+        for i, ok in zip(order, queued, strict=True):
+            out[i] = corrs[i] if ok else None
+        return out
 
     def _push_calls(
         self, client_ids, corrs, task_type, model_id, data, session_id, round_id
-    ) -> list[Build]:
+    ) -> tuple[list[Build], list[int]]:
         """push.lua calls of up to PUSH_PER_CALL tasks each (a script blocks Redis while
-        it runs: a few ms at most)."""
+        it runs: a few ms at most), and the index in client_ids of each task, in the order
+        of the calls' replies."""
         data = _task_data(task_type, data, session_id, round_id)
         if not all(client_ids):
             raise InvalidInput("client id must not be empty")
@@ -154,25 +158,32 @@ class TaskQueues:
             "timestamp": now,
             "created_at": now,
         }
-        head = [self._ctx.settings.task_ttl, keys.wake, 2 * len(shared)]
+        publish = "SPUBLISH" if self._ctx.cluster else "PUBLISH"
+        shared_args = [2 * len(shared)]
         for k, v in shared.items():
-            head += [k, v]
-        pairs = list(zip(client_ids, corrs, strict=True))
-        builds = []
-        for start in range(0, len(pairs), PUSH_PER_CALL):
-            task_keys, args = [], list(head)
-            for client, corr in pairs[start : start + PUSH_PER_CALL]:
-                task_keys += [
-                    keys.task(client, corr),
-                    keys.queue(client),
-                    keys.taskref(corr),
-                    keys.given_models(client),
-                ]
-                args += [encode_id(corr), encode_id(client), corr, client]
-            builds.append(
-                lambda pipe, k=task_keys, a=args: self._ctx.scripts.call(pipe, "push", k, a)
-            )
-        return builds
+            shared_args += [k, v]
+        # one script call touches one partition (one Cluster slot)
+        by_partition: dict[int, list[tuple[int, str, str]]] = {}
+        for i, (client, corr) in enumerate(zip(client_ids, corrs, strict=True)):
+            by_partition.setdefault(keys.partition_of(client), []).append((i, client, corr))
+        builds, order = [], []
+        for p, pairs in by_partition.items():
+            head = [self._ctx.settings.task_ttl, keys.wake(p), publish, *shared_args]
+            for start in range(0, len(pairs), PUSH_PER_CALL):
+                task_keys, args = [], list(head)
+                for i, client, corr in pairs[start : start + PUSH_PER_CALL]:
+                    task_keys += [
+                        keys.task(client, corr),
+                        keys.queue(client),
+                        keys.taskref(corr, p),
+                        keys.given_models(client),
+                    ]
+                    args += [encode_id(corr), encode_id(client), corr, client]
+                    order.append(i)
+                builds.append(
+                    lambda pipe, k=task_keys, a=args: self._ctx.scripts.call(pipe, "push", k, a)
+                )
+        return builds, order
 
     async def poll(
         self,
@@ -212,8 +223,8 @@ class TaskQueues:
         script_keys = [
             keys.client(client_id),
             keys.queue(client_id),
-            keys.clients,
-            keys.inbound("reports"),
+            keys.clients(keys.partition_of(client_id)),
+            keys.inbound("reports", keys.partition_of(client_id)),
         ]
         args = [
             now_str(),
@@ -254,7 +265,7 @@ class TaskQueues:
         script_keys = [
             keys.client(client_id),
             keys.queue(client_id),
-            keys.clients,
+            keys.clients(keys.partition_of(client_id)),
             keys.streamed(client_id),
         ]
         args = [
@@ -310,9 +321,17 @@ class TaskQueues:
         )
 
     async def owner(self, correlation_id: str) -> str:
-        return text(
-            await self._ctx.call(self._ctx.redis.get, self._ctx.keys.taskref(correlation_id))
-        )
+        """The client whose task this is ('' if none): the reference is in the owner's
+        partition, so by id alone every partition is asked (one round trip per node)."""
+        keys = self._ctx.keys
+
+        async def read():
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for p in keys.all_partitions:
+                pipe.get(keys.taskref(correlation_id, p))
+            return await pipe.execute()
+
+        return next((text(c) for c in await self._ctx.call(read) if c), "")
 
     async def show(self, correlation_id: str) -> dict[str, str]:
         """The whole task record ({} if unknown)."""

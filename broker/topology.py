@@ -8,10 +8,17 @@
   one). ``rediss+sentinel://`` reaches the data nodes over TLS (``ssl_ca_certs=`` etc. as
   for ``rediss://``).
 
-Both get the same client: a small blocking pool (callers beyond its size wait for a
-connection rather than fail) of connections that pack commands with hiredis and never lose
-a cancellation (broker/connection.py). Retries are the broker's own (broker/retry.py), so
-redis-py's are off.
+* a ``redis://`` or ``rediss://`` URL naming any node of a Redis Cluster: the whole cluster
+  (sharding). Detected when the broker connects (``INFO cluster`` says ``cluster_enabled:1``),
+  or forced with ``--redis-cluster``. The client is redis-py's RedisCluster, which follows
+  MOVED/ASK redirections (a reshard) and re-reads the slot map after a failover; its
+  per-node pools do not block, so they are larger (CLUSTER_POOL_FACTOR) and running out is
+  retried like any transient error.
+
+Standalone and Sentinel get the same client: a small blocking pool (callers beyond its size
+wait for a connection rather than fail) of connections that pack commands with hiredis and
+never lose a cancellation (broker/connection.py). Retries are the broker's own
+(broker/retry.py), so redis-py's are off.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
@@ -35,8 +44,12 @@ from broker.durability import Confirmation, redis_class
 from broker.retry import RetryPolicy
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-# A call's deadline on Sentinel: a failover (down-after-milliseconds + ~2 s) must fit in it.
+# A call's deadline on Sentinel or Cluster: a failover (down-after-milliseconds or
+# cluster-node-timeout, then ~2 s for the election) must fit in it.
 SENTINEL_CALL_SECONDS = 10.0
+# A cluster client's pool per node does not block (MaxConnectionsError at once): room for
+# bursts of direct calls beside the batcher's pipelines.
+CLUSTER_POOL_FACTOR = 4
 
 # Each call's deadline (RetryPolicy.max_seconds) decides when Redis is too slow; the socket
 # and pool timeouts sit just above it as a backstop for anything outside a call, and
@@ -114,21 +127,56 @@ class FollowMaster:
         return await super().connect_check_health(check_health, retry_socket_connect)
 
 
-def retry_policy(url: str) -> RetryPolicy:
+def is_cluster(client) -> bool:
+    """Is this broker client a Redis Cluster client?"""
+    return isinstance(client, RedisCluster)
+
+
+async def cluster_enabled(url: str) -> bool:
+    """Does the server at url run in cluster mode? (Sentinel URLs: no.)"""
+    if is_sentinel(url):
+        return False
+    probe = aioredis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        info = await probe.info("cluster")
+    except rex.ResponseError:  # a server without INFO cluster (or an ACL without it)
+        return False
+    finally:
+        await probe.aclose()
+    return int(info.get("cluster_enabled", 0)) == 1
+
+
+def retry_policy(url: str, cluster: bool = False) -> RetryPolicy:
     """The retries a URL's topology needs. A Sentinel failover leaves no master to talk to
     for ~2 s after Sentinels see it down (down-after-milliseconds, then the election and the
     promotion); calls wait that out instead of failing (BrokerUnavailable), so the deadline
     per call is longer there and bounded by time, not by a count of fast refusals."""
-    if is_sentinel(url):
+    if is_sentinel(url) or cluster:
         return RetryPolicy(attempts=100, max_seconds=SENTINEL_CALL_SECONDS)
     return RetryPolicy()
 
 
 def make_client(
-    url: str, pool_size: int = 16, confirmation: Confirmation | None = None
-) -> aioredis.Redis:
-    """The broker's Redis client for url (standalone or Sentinel; see the module doc). With a
-    confirmation, every write waits for replicas (broker/durability.py, replicated mode)."""
+    url: str, pool_size: int = 16, confirmation: Confirmation | None = None, cluster: bool = False
+) -> aioredis.Redis | RedisCluster:
+    """The broker's Redis client for url (standalone, Sentinel or Cluster; see the module
+    doc). With a confirmation, every write waits for replicas (broker/durability.py,
+    replicated mode; not on a Cluster yet)."""
+    if cluster:
+        if confirmation is not None:
+            raise ValueError("--durability replicated is not supported on a Redis Cluster yet")
+        if is_sentinel(url):
+            raise ValueError("a redis+sentinel:// URL names a Sentinel master, not a Cluster")
+        client = RedisCluster.from_url(
+            url, max_connections=pool_size * CLUSTER_POOL_FACTOR, **CONNECTION
+        )
+        # Every node's connections are built from this one dict (and the startup nodes
+        # already were): ours, so that no cancellation is lost here either.
+        kwargs = client.connection_kwargs
+        kwargs["connection_class"] = with_hiredis_packing(kwargs["connection_class"])
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = kwargs["connection_class"]
+        return client
     if is_sentinel(url):
         return _sentinel_client(parse_sentinel(url), pool_size, confirmation)
     pool = aioredis.BlockingConnectionPool.from_url(

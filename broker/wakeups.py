@@ -10,6 +10,14 @@ again, so a message lost while the connection was down loses no task.
 redis-py's asyncio pub/sub does not reconnect by itself and a silently dead TCP connection
 can look idle forever, so the connection is probed with PING every second and replaced when
 no PONG came back within ``probe_timeout`` seconds.
+
+With N partitions there is one channel per partition. On a standalone Redis or Sentinel
+they all go on that one connection. On a Redis Cluster they are shard channels (SSUBSCRIBE:
+classic pub/sub stays pinned to whichever node it met first), one connection to each primary
+that owns some, each probed the same way. Redis ends a shard channel's subscription
+(``sunsubscribe``) when its slot moves to another node (a reshard) and a failover drops the
+connection: either way every connection is replaced after re-reading the slot map, and all
+streams are woken, since messages published meanwhile are lost.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import asyncio
 import contextlib
 import logging
 import time
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import ConnectionPool
 
 from broker.context import Context, text
 
@@ -31,7 +42,8 @@ class Wakeups:
         self._probe_every = probe_every
         self._probe_timeout = probe_timeout
         self._task: asyncio.Task | None = None
-        self._pubsub = None
+        self._pubsubs: list = []
+        self._node_clients: list[aioredis.Redis] = []
         self.resubscribes = 0  # how often the connection was (re)established
         self.connected = asyncio.Event()
 
@@ -71,24 +83,61 @@ class Wakeups:
             event.set()
 
     async def _close(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
+        pubsubs, self._pubsubs = self._pubsubs, []
+        clients, self._node_clients = self._node_clients, []
         self.connected.clear()
-        if pubsub is not None:
+        for closable in [*pubsubs, *clients]:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    await pubsub.aclose()
+                    await closable.aclose()
+
+    async def _subscribe(self, channels: list[str]) -> None:
+        """Open the subscriptions: one pub/sub connection, or one per Cluster primary."""
+        if not self._ctx.cluster:
+            pubsub = self._ctx.redis.pubsub()
+            self._pubsubs.append(pubsub)
+            await pubsub.subscribe(*channels)
+            return
+        cluster = self._ctx.redis
+        await cluster.nodes_manager.initialize()  # the slot map as it is now
+        by_node: dict[str, tuple] = {}
+        for channel in channels:
+            node = cluster.get_node_from_key(channel)
+            by_node.setdefault(node.name, (node, []))[1].append(channel)
+        for node, owned in by_node.values():
+            pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            client = aioredis.Redis(connection_pool=pool)
+            self._node_clients.append(client)
+            pubsub = client.pubsub()
+            self._pubsubs.append(pubsub)
+            for channel in owned:  # one SSUBSCRIBE names channels of one slot only
+                await pubsub.ssubscribe(channel)
 
     async def _run(self) -> None:
-        channel = self._ctx.keys.wake
+        keys = self._ctx.keys
+        channels = [keys.wake(p) for p in keys.all_partitions]
         while True:
             try:
-                self._pubsub = self._ctx.redis.pubsub()
-                await self._pubsub.subscribe(channel)
+                await self._subscribe(channels)
                 self.resubscribes += 1
                 self.connected.set()
-                log.info("wake-up subscription %s (#%d)", channel, self.resubscribes)
+                log.info(
+                    "wake-up subscription %s (%d channels on %d connections, #%d)",
+                    channels[0],
+                    len(channels),
+                    len(self._pubsubs),
+                    self.resubscribes,
+                )
                 self.wake_all()  # recover whatever was pushed while we were not listening
-                await self._listen()
+                listeners = [asyncio.create_task(self._listen(p)) for p in self._pubsubs]
+                try:
+                    done, _ = await asyncio.wait(listeners, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in listeners:
+                        task.cancel()
+                    await asyncio.gather(*listeners, return_exceptions=True)
+                for task in done:
+                    task.result()  # the listener's error
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -97,8 +146,7 @@ class Wakeups:
             self.wake_all()
             await asyncio.sleep(0.2)
 
-    async def _listen(self) -> None:
-        pubsub = self._pubsub
+    async def _listen(self, pubsub) -> None:
         last_pong = last_ping = time.monotonic()
         while True:
             now = time.monotonic()
@@ -113,8 +161,10 @@ class Wakeups:
             if msg is None:
                 continue
             kind = text(msg.get("type"))
-            if kind == "message":
+            if kind in ("message", "smessage"):
                 for client_id in self._ctx.keys.woken_clients(msg["data"]):
                     self._wake(client_id)
             elif kind == "pong":
                 last_pong = time.monotonic()
+            elif kind == "sunsubscribe":  # the channel's slot moved to another node
+                raise ConnectionError(f"shard channel {text(msg.get('channel'))} moved")

@@ -16,6 +16,7 @@ import click
 
 from broker import Broker, BrokerError, Settings, connect
 from broker.embedded import EmbeddedRedis
+from broker.partitions import DEFAULT_CLUSTER, MAX_PARTITIONS
 from broker.records import SessionStatus
 from combiner import __version__, logs
 from combiner.render import print_session, print_status, print_task
@@ -42,8 +43,24 @@ def redis_options(fn):
         option(
             "--redis-url",
             default=None,
-            help="Redis to use, e.g. redis://127.0.0.1:6379/0. Default: an embedded "
+            help="Redis to use, e.g. redis://127.0.0.1:6379/0, any node of a Redis Cluster, "
+            "or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER. Default: an embedded "
             "redis-server child process with its data under --state-dir.",
+        ),
+        option(
+            "--redis-cluster",
+            is_flag=True,
+            default=False,
+            help="Treat --redis-url as a node of a Redis Cluster (default: asked of the "
+            "server when connecting).",
+        ),
+        option(
+            "--partitions",
+            default=Settings.partitions,
+            type=click.IntRange(0, MAX_PARTITIONS),
+            help="Partitions of the per-client keys, each one Redis Cluster slot (0: 1 on a "
+            f"standalone Redis or Sentinel, {DEFAULT_CLUSTER} on a Cluster). Only a fresh "
+            "--prefix takes it; a used one keeps the number it was started with.",
         ),
         option(
             "--state-dir",
@@ -162,6 +179,7 @@ class Config:
     broker: Settings
     model_dir: str | None = None
     replica_id: str = ""
+    redis_cluster: bool = False  # --redis-cluster: no detection
     metrics_port: int | None = None
     serve: ServeOptions | None = None  # commands that serve
     worker: dict | None = None  # keyword arguments of Worker, for `combiner worker`
@@ -177,6 +195,7 @@ def settings_from_flags(kw: dict) -> Config:
     # (a --model-dir without the disk store is used only to read disk-stored models)
     cfg = Config(
         redis_url=kw.pop("redis_url"),
+        redis_cluster=kw.pop("redis_cluster"),
         state_dir=state_dir,
         broker=Settings(**{f.name: kw.pop(f.name) for f in fields(Settings)}),
         model_dir=model_dir,
@@ -207,7 +226,11 @@ async def open_broker(cfg: Config) -> AsyncIterator[Broker]:
         url = await asyncio.to_thread(embedded.start)
     try:
         async with connect(
-            url, settings=cfg.broker, replica_id=cfg.replica_id, model_dir=cfg.model_dir
+            url,
+            settings=cfg.broker,
+            replica_id=cfg.replica_id,
+            model_dir=cfg.model_dir,
+            cluster=True if cfg.redis_cluster else None,
         ) as broker:
             yield broker
     finally:

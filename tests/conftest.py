@@ -7,20 +7,48 @@ import uuid
 import grpc
 import pytest
 import redis
+import redis.cluster
 
 from broker import connect
 from broker.context import Settings
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from combiner.server import Replica, ServeOptions
 from tests import tokens
+from tests.redis_cluster import ClusterTopology
 from tests.services import redis_for_tests
 from workers.runner import Worker
 
+# Test modules marked `pytest.mark.topologies` run once on a standalone Redis and once on a
+# real 3-primary Redis Cluster (tests/redis_cluster.py); every other test on standalone.
+TOPOLOGIES = ("standalone", "cluster")
+
+
+def pytest_generate_tests(metafunc):
+    if "topology" in metafunc.fixturenames and metafunc.definition.get_closest_marker("topologies"):
+        metafunc.parametrize("topology", TOPOLOGIES, indirect=True, scope="session")
+
 
 @pytest.fixture(scope="session")
-def redis_url():
+def topology(request) -> str:
+    return getattr(request, "param", "standalone")
+
+
+@pytest.fixture(scope="session")
+def standalone_url():
     with redis_for_tests() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def cluster_url():
+    """A real Redis Cluster of 3 primaries on loopback, for the whole session."""
+    with ClusterTopology(primaries=3) as cluster:  # started by the with
+        yield cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_url(request, topology):
+    return request.getfixturevalue(f"{topology}_url")
 
 
 @pytest.fixture
@@ -36,9 +64,12 @@ def at(redis_url, prefix):
 
 
 @pytest.fixture
-def rdb(redis_url):
+def rdb(redis_url, topology):
     """A plain (sync) client of the test Redis, to look at what commands wrote."""
-    client = redis.Redis.from_url(redis_url)
+    if topology == "cluster":
+        client = redis.cluster.RedisCluster.from_url(redis_url)
+    else:
+        client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 

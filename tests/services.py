@@ -11,6 +11,28 @@ import time
 from broker.redis_process import RedisProcess, answers
 
 
+async def data_keys(broker, prefix: str = "") -> set[bytes]:
+    """Keys under the prefix (the broker's by default) but the schema version and partition
+    count that every connect writes (broker/schema.py). SCAN covers every primary of a
+    Cluster (redis-py's cluster scan_iter)."""
+    prefix = prefix or broker._keys.prefix
+    marks = {broker._keys.schema.encode(), broker._keys.partition_count.encode()}
+    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*") if k not in marks}
+
+
+async def inbound_entries(broker, kind: str) -> list[tuple[bytes, dict]]:
+    """Every partition's inbound stream of one kind (XRANGE), in entry id order."""
+    out = []
+    for p in broker._keys.all_partitions:
+        out += await broker._redis.xrange(broker._keys.inbound(kind, p))
+    return sorted(out, key=lambda entry: tuple(map(int, entry[0].split(b"-"))))
+
+
+async def inbound_length(broker, kind: str) -> int:
+    keys = broker._keys
+    return sum([await broker._redis.xlen(keys.inbound(kind, p)) for p in keys.all_partitions])
+
+
 def redis_answers(url: str) -> bool:
     return answers(url)
 

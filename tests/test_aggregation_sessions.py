@@ -20,6 +20,8 @@ from tests.test_session import (
 )
 from workers.fedavg import load_npz, save_npz
 
+pytestmark = pytest.mark.topologies
+
 CLIENTS = {"alice": (1.0, 10), "bob": (2.0, 30), "carol": (4.0, 60)}
 SHIFT = sum(c * n for c, n in CLIENTS.values()) / sum(n for _, n in CLIENTS.values())
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from combiner import __version__
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta
+from tests.services import inbound_entries
+
+pytestmark = pytest.mark.topologies
 
 
 async def announce(stubs, kind: str, parameters: str = "", client_id: str = "c1"):
@@ -16,7 +21,7 @@ async def announce(stubs, kind: str, parameters: str = "", client_id: str = "c1"
 
 async def presence_events(broker) -> list[tuple[str, str]]:
     out = []
-    for _, fields in await broker._redis.xrange(broker._keys.inbound("presence")):
+    for _, fields in await inbound_entries(broker, "presence"):
         out.append((fields[b"client_id"].decode(), fields[b"event"].decode()))
     return out
 

@@ -23,8 +23,10 @@ from combiner.pb import scaleout_pb2 as pb
 from combiner.signing import ALGORITHM, DEFAULT_AUDIENCE, ISSUER, SigningKey
 from tests import tokens
 from tests.conftest import Stubs, meta
-from tests.services import eventually
+from tests.services import eventually, inbound_entries
 from tests.test_rpc_guard import METHODS, outcome, request_for
+
+pytestmark = pytest.mark.topologies
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -405,7 +407,7 @@ def holds(condition):
 
 async def connects(broker, client_id: str, count: int) -> bool:
     """Whether count TaskStreams of client_id wrote their connect event."""
-    entries = await broker._redis.xrange(broker._keys.inbound("presence"))
+    entries = await inbound_entries(broker, "presence")
     seen = [f for _, f in entries if f.get(b"client_id") == client_id.encode()]
     return sum(f.get(b"event") == b"connect" for f in seen) == count
 

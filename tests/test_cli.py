@@ -49,11 +49,10 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *words: str) -> None
 
 
 def keys_under(rdb, prefix: str) -> list[str]:
-    """The prefix's keys but its schema version (broker/schema.py), which every command
+    """The prefix's keys but its schema marks (broker/schema.py), which every command
     writes when it connects to a fresh prefix, before it looks at its input."""
-    return sorted(
-        k.decode() for k in rdb.scan_iter(match=f"{prefix}:*") if k != f"{prefix}:schema".encode()
-    )
+    marks = {f"{prefix}:schema".encode(), f"{prefix}:partitions".encode()}
+    return sorted(k.decode() for k in rdb.scan_iter(match=f"{prefix}:*") if k not in marks)
 
 
 # --- help ------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import pytest
 from tests.tokens import issue
 from workers.fedavg import load_npz, save_npz
 
+pytestmark = pytest.mark.topologies
+
 V1 = "/api/v1"
 
 

@@ -30,7 +30,7 @@ from combiner.refclient import ReferenceClient
 from combiner.views import session_view
 from tests.cluster import Cluster
 from tests.conftest import meta, next_task
-from tests.services import eventually, wait_for
+from tests.services import eventually, inbound_entries, wait_for
 from tests.test_session import SEED, expected_after, trainer
 from workers.fedavg import load_npz, save_npz
 
@@ -126,7 +126,7 @@ async def stream_holders(broker, client_ids) -> dict[str, str]:
     """client id -> replica id that accepted its latest TaskStream (every TaskStream open
     records a 'connect' presence event with the serving replica)."""
     holders = {}
-    for _, fields in await broker._redis.xrange(broker._keys.inbound("presence")):
+    for _, fields in await inbound_entries(broker, "presence"):
         f = {text(k): text(v) for k, v in fields.items()}
         if f.get("event") == "connect" and f.get("client_id") in client_ids:
             holders[f["client_id"]] = f["replica"]
@@ -430,7 +430,7 @@ async def test_redis_restart_mid_session_loses_nothing_acknowledged(cluster, pre
 
     # Every metric acknowledged with OK is in P:in:metrics after the restart.
     stored: dict[str, Counter] = {cid: Counter() for cid in CLIENTS}
-    for _, fields in await broker._redis.xrange(broker._keys.inbound("metrics")):
+    for _, fields in await inbound_entries(broker, "metrics"):
         stored[text(fields[b"client_id"])][int(fields[b"step"])] += 1
     for cid in CLIENTS:
         missing = [s for s in acked[cid] if stored[cid][s] == 0]
@@ -584,7 +584,7 @@ async def test_1000_streams_get_every_task_once_across_a_replica_kill(cluster, p
 
 
 async def _streams_open(broker, n):
-    live = await broker._redis.zcount(broker._keys.streams, time.time(), "+inf")
+    live = await broker._redis.zcount(broker._keys.streams(), time.time(), "+inf")
     return live >= n
 
 

@@ -25,7 +25,7 @@ from google.protobuf.message_factory import GetMessageClass
 from broker import InvalidInput, limits
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta, next_task
-from tests.services import eventually
+from tests.services import data_keys, eventually, inbound_entries
 from tests.test_cli import assert_clean_failure, keys_under, run
 from tests.test_rpc_guard import GOOD_METADATA, METHODS, counted, outcome
 
@@ -35,9 +35,8 @@ COMBINER = [(s, m) for s, m in METHODS if s.name == "CombinerClient"]
 
 
 async def keys(broker, prefix: str) -> set[bytes]:
-    """Keys under the prefix but the schema version, which every connect writes."""
-    schema = broker._keys.schema.encode()
-    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*") if k != schema}
+    """Keys under the prefix but the schema marks, which every connect writes."""
+    return await data_keys(broker, prefix)
 
 
 @pytest.fixture
@@ -165,7 +164,7 @@ async def test_a_timestamp_out_of_range_is_invalid_argument_and_writes_nothing(
             request = stamped(method, field, seconds, nanos)
             code, details = await outcome(stubs.channel, service, method, request, meta("g1"))
             assert code == grpc.StatusCode.OK, (method.name, details)
-    entries = await broker._redis.xrange(broker._keys.inbound("statuses"))
+    entries = await inbound_entries(broker, "statuses")
     assert [e[b"timestamp"].decode() for _, e in entries] == [t for *_, t in AT_THE_ENDS]
 
 

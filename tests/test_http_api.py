@@ -23,6 +23,8 @@ from combiner.signing import ALGORITHM, SigningKey, load_public
 from tests.services import RedisServer, eventually
 from tests.tokens import issue, publish
 
+pytestmark = pytest.mark.topologies
+
 REFRESH, ADD = "/api/auth/refresh", "/api/v1/clients/add"
 
 

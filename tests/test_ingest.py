@@ -19,6 +19,9 @@ from broker.context import Settings
 from broker.keys import INBOUND_KINDS
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta
+from tests.services import data_keys, inbound_entries, inbound_length
+
+pytestmark = pytest.mark.topologies
 
 PACKED = ("metrics", "attributes", "telemetries")
 TS = Timestamp(seconds=1_700_000_000, nanos=250_000_000)
@@ -29,7 +32,7 @@ async def entries(broker, kind: str) -> list[dict]:
     """The whole inbound stream of one kind, read back with XRANGE: scalar fields must be
     UTF-8 text, the nested ones (metrics, attributes, telemetries) msgpack."""
     out = []
-    for _, raw in await broker._redis.xrange(broker._keys.inbound(kind)):
+    for _, raw in await inbound_entries(broker, kind):
         fields = {}
         for k, v in raw.items():
             key = k.decode()
@@ -300,10 +303,10 @@ async def test_empty_client_id_is_invalid_argument_and_writes_nothing(
     assert "client id" in err.value.details()
 
     for kind in INBOUND_KINDS:
-        assert await broker._redis.xlen(broker._keys.inbound(kind)) == 0
+        assert await inbound_length(broker, kind) == 0
     # only the replica's own registration (and the schema version) may exist under the prefix
-    keys = [k.decode() async for k in broker._redis.scan_iter(match=f"{broker._keys.prefix}:*")]
-    replica_keys = (broker._keys.replicas, f"{broker._keys.prefix}:replica:", broker._keys.schema)
+    keys = [k.decode() for k in await data_keys(broker)]
+    replica_keys = (broker._keys.replicas, f"{broker._keys.prefix}:replica:")
     assert [k for k in keys if not k.startswith(replica_keys)] == []
 
 
@@ -319,7 +322,8 @@ async def test_caller_cancelled_mid_batch_does_not_fail_the_rest_of_its_batch(br
 
     def build_second(pipe):
         first.cancel()  # the first caller goes away after its commands were queued
-        pipe.xadd(broker._keys.inbound("metrics"), {"client_id": "stays"})
+        stream = broker._keys.inbound("metrics", broker._keys.partition_of("stays"))
+        pipe.xadd(stream, {"client_id": "stays"})
         return lambda replies: replies[0]
 
     second = asyncio.ensure_future(broker._batcher.submit(build_second))

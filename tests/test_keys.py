@@ -1,6 +1,7 @@
 """The key schema (docs/architecture.md contract 8): client-supplied ids with key syntax in them
-neither collide nor escape their namespace, per-client keys keep one intact hash tag, and
-end to end (real replica, real Redis) every key stays under the prefix."""
+neither collide nor escape their namespace, per-client keys keep their partition's one intact
+hash tag (so every script touches one Cluster slot), partitions spread evenly over the slots,
+and end to end (real replica, real Redis) every key stays under the prefix."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import time
 
 import grpc
 import pytest
+from redis.crc import key_slot
 
 from broker.keys import INBOUND_KINDS, Keys, decode_id, encode_id
+from broker.partitions import SLOTS, partition_of, tags
 from combiner.pb import scaleout_pb2 as pb
 
 NASTY = [
@@ -57,7 +60,7 @@ PER_CLIENT = {
     "records": lambda k, i: k.client_records(i, "metrics"),
 }
 GLOBAL = {
-    "taskref": lambda k, i: k.taskref(i),
+    "taskref": lambda k, i: k.taskref(i, 0),
     "model": lambda k, i: k.model(i),
     "model_chunks": lambda k, i: k.model_chunks(i),
     "replica": lambda k, i: k.replica(i),
@@ -91,29 +94,66 @@ def test_no_key_of_one_kind_equals_a_key_of_another():
     keys = Keys("pfx")
     made = [fn(keys, i) for fn in BUILDERS.values() for i in NASTY]
     made += [keys.inbound(kind) for kind in INBOUND_KINDS]
-    made += [keys.clients, keys.streams, keys.replicas, keys.sessions]
+    made += [keys.clients(), keys.streams(), keys.wake(), keys.replicas, keys.sessions]
     # task(i, "t") and task("c", i) may meet at task("c", "t"); everything else is unique
     overlap = {keys.task("c", "t")}
     dupes = [k for k in set(made) if made.count(k) > 1 and k not in overlap]
     assert dupes == []
 
 
+def _tag(key: str) -> str:
+    # Redis Cluster hashes what lies between the first '{' and the next '}'
+    assert key.count("{") == 1 and key.count("}") == 1, key
+    return key[key.index("{") + 1 : key.index("}")]
+
+
 @pytest.mark.parametrize("client_id", NASTY)
-def test_per_client_keys_carry_exactly_one_intact_hash_tag(client_id):
-    keys = Keys("pfx")
-    tags = set()
+def test_per_client_keys_carry_their_partitions_one_intact_hash_tag(client_id):
+    keys = Keys("pfx", partitions=16)
+    p = keys.partition_of(client_id)
+    found = set()
     for name, fn in PER_CLIENT.items():
         if name == "task(c, i)":
             key = keys.task(client_id, "t:{x}")  # a nasty correlation id as well
         else:
             key = fn(keys, client_id)
-        assert key.count("{") == 1 and key.count("}") == 1, key
-        # Redis Cluster hashes what lies between the first '{' and the next '}'
-        tag = key[key.index("{") + 1 : key.index("}")]
-        assert tag == f"c:{encode_id(client_id)}"
-        tags.add(tag)
-    assert len(tags) == 1  # one slot per client
+        found.add(_tag(key))
+    # what the poll, push and ingest scripts touch beside the client's own keys
+    found |= {_tag(keys.clients(p)), _tag(keys.inbound("reports", p)), _tag(keys.wake(p))}
+    found.add(_tag(keys.taskref("t:{x}", p)))
+    assert found == {tags(16)[p]}  # one slot
     assert keys.task_prefix(client_id) + encode_id("t") == keys.task(client_id, "t")
+
+
+@pytest.mark.parametrize("model_id", NASTY)
+def test_a_models_keys_share_one_tag(model_id):
+    keys = Keys("pfx", partitions=16)
+    found = {_tag(keys.model(model_id)), _tag(keys.model_chunks(model_id))}
+    found.add(_tag(keys.model_upload(model_id, "u1")))  # model_commit.lua renames it
+    assert found == {encode_id(model_id)}
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 100, 1024])
+def test_each_partition_lands_in_its_own_share_of_the_slots(n):
+    for i, tag in enumerate(tags(n)):
+        assert i * SLOTS // n <= key_slot(tag.encode()) < (i + 1) * SLOTS // n
+
+
+def test_partitions_spread_evenly_over_a_fresh_clusters_primaries():
+    # redis-cli --cluster create splits the slots into equal ranges, one per primary
+    for primaries in (3, 4, 5, 8, 16):
+        owners = [key_slot(t.encode()) * primaries // SLOTS for t in tags(16)]
+        counts = [owners.count(i) for i in range(primaries)]
+        assert max(counts) - min(counts) <= 1, (primaries, counts)
+
+
+def test_clients_spread_over_the_partitions_and_stay_where_they_are():
+    counts = [0] * 16
+    for i in range(16_000):
+        counts[partition_of(f"client-{i}", 16)] += 1
+    assert min(counts) > 800 and max(counts) < 1200, counts
+    assert partition_of("client-7", 16) == Keys("x", 16).partition_of("client-7")
+    assert partition_of("anything", 1) == 0
 
 
 def test_distinct_clients_get_distinct_hash_tags():
@@ -206,7 +246,11 @@ async def test_nasty_ids_end_to_end_stay_apart_and_under_the_prefix(stubs, broke
     for key in new:
         if "{" in key:
             assert key.count("{") == 1 and key.count("}") == 1
-            assert key.startswith(f"{prefix}:{{c:")
+            # a partition's tag, or a model's (whose ids here hold no braces)
+            tag = _tag(key)
+            assert tag in tags(broker._keys.partitions) or key.startswith(
+                f"{prefix}:model:{{{tag}}}"
+            ), key
 
 
 async def test_nasty_id_in_metadata_only_is_used_as_is(stubs, broker):

@@ -19,6 +19,8 @@ from combiner.server import Replica, ServeOptions
 from tests.services import wait_for
 from tests.test_cli import run
 
+pytestmark = pytest.mark.topologies
+
 
 async def test_connect_is_awaitable_and_an_async_context_manager(redis_url, prefix):
     async with connect(redis_url, settings=Settings(prefix=prefix)) as broker:

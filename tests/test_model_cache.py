@@ -14,6 +14,8 @@ from combiner.model_cache import encode_chunk
 from combiner.pb import scaleout_pb2 as pb
 from tests.test_models import MiB, code_of, download, open_store, sha, upload
 
+pytestmark = pytest.mark.topologies
+
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, MiB])
 def test_encoded_chunk_is_the_filechunk_message(size):

@@ -15,6 +15,8 @@ from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import Stubs, meta
 from tests.services import eventually
 
+pytestmark = pytest.mark.topologies
+
 MiB = 1024 * 1024
 KiB = 1024
 

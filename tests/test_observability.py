@@ -105,7 +105,9 @@ async def test_status_json_describes_a_known_cluster(make_replica, broker, redis
         corr = await broker.tasks.push("st1", "Fedn_Validation", model_id="m")
         assert (await stream.read()).correlation_id == corr
         # a stale client: seen long ago
-        await broker._redis.zadd(broker._keys.clients, {"old": 1.0})
+        await broker._redis.zadd(
+            broker._keys.clients(broker._keys.partition_of("old")), {"old": 1.0}
+        )
         await replica.register(lease=30)
         done = await asyncio.to_thread(
             subprocess.run,

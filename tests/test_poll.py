@@ -10,6 +10,9 @@ import pytest
 from broker import InvalidInput
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta
+from tests.services import data_keys
+
+pytestmark = pytest.mark.topologies
 
 IDLE = pb.ActivityReport(node_id="c1", status="")
 
@@ -148,7 +151,7 @@ async def test_push_many_again_with_the_same_ids_pushes_nothing_twice(stubs, bro
 async def test_push_many_bad_input_writes_nothing(broker, clients, kind, data):
     with pytest.raises(InvalidInput):
         await broker.tasks.push_many(clients, kind, data=data)
-    assert await broker._redis.keys(f"{broker._keys.prefix}:*") == [broker._keys.schema.encode()]
+    assert await data_keys(broker) == set()
 
 
 async def test_client_id_from_metadata_when_body_is_empty(stubs, broker):

@@ -20,6 +20,8 @@ from tests.tokens import issue
 from workers.fedavg import load_npz, save_npz
 from workers.server_functions import Limits, Sandbox, ServerFunctionsError
 
+pytestmark = pytest.mark.topologies
+
 USER = """
 class ServerFunctions(ServerFunctionsBase):
     def __init__(self):

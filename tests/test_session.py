@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import numpy as np
+import pytest
 
 from combiner.pb import scaleout_pb2 as pb
 from combiner.refclient import ReferenceClient
@@ -13,6 +14,8 @@ from combiner.views import session_view
 from tests.conftest import meta
 from tests.services import eventually
 from workers.fedavg import load_npz, save_npz
+
+pytestmark = pytest.mark.topologies
 
 SEED = [np.arange(10, dtype=np.float32), np.ones((2, 3), dtype=np.float32)]
 # client -> (constant added to every array, num_examples)

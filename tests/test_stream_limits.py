@@ -21,8 +21,10 @@ from broker.inbound import ENTRY_LIMITS
 from broker.tasks import MAX_TASK_DATA, STREAM_TAKE_BYTES
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import Stubs, meta, next_task
-from tests.services import eventually
+from tests.services import data_keys, eventually, inbound_length
 from workers.records import GROUP, Records
+
+pytestmark = pytest.mark.topologies
 
 BIG = 60 * 1024  # bytes of task data per task (MAX_TASK_DATA is 64 KiB)
 TASKS = 300  # 18 MiB queued: far more than a client's flow-control window
@@ -109,9 +111,8 @@ def test_cli_task_push_refuses_oversized_data(redis_url, prefix):
 
 
 async def prefixed_keys(broker) -> list[bytes]:
-    """The prefix's keys but the schema version connect() wrote (broker/schema.py)."""
-    keys = broker._redis.scan_iter(match=f"{broker._keys.prefix}:*")
-    return sorted([k async for k in keys if k != broker._keys.schema.encode()])
+    """The prefix's keys but the schema marks connect() wrote (broker/schema.py)."""
+    return sorted(await data_keys(broker))
 
 
 async def test_oversized_status_and_metric_are_refused_and_nothing_is_written(stubs, broker):
@@ -139,7 +140,7 @@ async def test_oversized_status_and_metric_are_refused_and_nothing_is_written(st
 
     # a real client's status still lands
     await stubs.combiner.SendStatus(pb.Status(client_id="c1", status="ok"), metadata=meta("c1"))
-    assert await broker._redis.xlen(broker._keys.inbound("statuses")) == 1
+    assert await inbound_length(broker, "statuses") == 1
 
 
 async def test_oversized_validation_is_refused(stubs, broker):
@@ -150,7 +151,7 @@ async def test_oversized_validation_is_refused(stubs, broker):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs.combiner.SendModelValidation(big, metadata=meta("c1"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert await broker._redis.exists(broker._keys.inbound("validations")) == 0
+    assert await inbound_length(broker, "validations") == 0
     assert "result_at" not in await broker.tasks.show(corr)
 
 

@@ -16,6 +16,8 @@ from tests.conftest import meta
 from tests.services import eventually
 from tests.test_models import MiB, code_of, download, open_store, sha, upload
 
+pytestmark = pytest.mark.topologies
+
 
 def upload_call(store, model_id: str, data: bytes, client: str = "c1"):
     md = (*meta(client), ("model-id", model_id), ("checksum", sha(data)))

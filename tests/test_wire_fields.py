@@ -12,6 +12,8 @@ import pytest
 
 from broker.records import WIRE_FIELDS, Task
 
+pytestmark = pytest.mark.topologies
+
 SCRIPTS = ("poll", "stream_take")
 
 

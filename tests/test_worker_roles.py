@@ -18,6 +18,8 @@ from combiner.processes import Child
 from tests.conftest import meta, replica_at
 from tests.services import RedisServer, eventually, wait_for
 
+pytestmark = pytest.mark.topologies
+
 ROLES = {"coordinator", "records", "liveness", "upkeep"}
 
 
@@ -92,8 +94,8 @@ async def test_a_role_that_stops_makes_the_worker_exit_non_zero(tmp_path, redis_
             await eventually(lambda: status_recorded(broker, "c1", "x"), 20)
             # A stream key turned into a string: the records role can neither read it nor
             # recreate its group (WRONGTYPE), an error no retry cures.
-            stream = broker._keys.inbound("statuses")
-            pipe = broker._redis.pipeline(transaction=True)
+            stream = broker._keys.inbound("statuses", broker._keys.partition_of("c1"))
+            pipe = broker._redis.pipeline(transaction=False)
             pipe.delete(stream)
             pipe.set(stream, "not a stream")
             await pipe.execute()

@@ -4,19 +4,20 @@
 -- The task's model joins the client's given-models set: the models it may download.
 -- KEYS: per task i (from 0): 4i+1 task hash, 4i+2 client queue, 4i+3 taskref string,
 --       4i+4 the client's given-models set
--- ARGV: 1 ttl seconds, 2 wake channel, 3 m = number of shared field/value arguments,
---       4..m+3 those pairs, then per task: encoded correlation id, encoded client id,
---       correlation id, client id
+-- Every task's client is in one partition (one slot, with its wake channel).
+-- ARGV: 1 ttl seconds, 2 wake channel, 3 'PUBLISH' or 'SPUBLISH' (sharded: a Cluster),
+--       4 m = number of shared field/value arguments, 5..m+4 those pairs, then per task:
+--       encoded correlation id, encoded client id, correlation id, client id
 -- Returns per task 1 if queued, 0 if its correlation id was already in use.
-local ttl, channel, m = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl, channel, publish, m = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local shared = {}
 local model = ''
-for i = 4, m + 3 do shared[#shared + 1] = ARGV[i] end
+for i = 5, m + 4 do shared[#shared + 1] = ARGV[i] end
 for i = 1, #shared, 2 do if shared[i] == 'model_id' then model = shared[i + 1] end end
 local out, woken = {}, {}
 for t = 0, #KEYS / 4 - 1 do
   local task, queue, ref, given = KEYS[4 * t + 1], KEYS[4 * t + 2], KEYS[4 * t + 3], KEYS[4 * t + 4]
-  local a = m + 4 + 4 * t
+  local a = m + 5 + 4 * t
   local enc, enc_client, corr, client = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   if redis.call('EXISTS', task) == 1 or redis.call('EXISTS', ref) == 1 then
     out[#out + 1] = 0
@@ -34,5 +35,5 @@ for t = 0, #KEYS / 4 - 1 do
     out[#out + 1] = 1
   end
 end
-if #woken > 0 then redis.call('PUBLISH', channel, table.concat(woken, '\n')) end
+if #woken > 0 then redis.call(publish, channel, table.concat(woken, '\n')) end
 return out

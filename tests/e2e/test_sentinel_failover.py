@@ -39,6 +39,7 @@ import pytest
 import redis
 from google.protobuf.wrappers_pb2 import UInt32Value
 
+from broker.keys import Keys
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from tests.cluster import Cluster
@@ -234,7 +235,7 @@ def stored_steps(topology: SentinelTopology, prefix: str, client_id: str) -> set
     """The steps of the sender's metrics in the inbound stream on the current master."""
     client = redis.Redis(port=topology.master_port(), socket_timeout=5)
     try:
-        entries = client.xrange(f"{prefix}:in:metrics")
+        entries = client.xrange(Keys(prefix).inbound("metrics"))  # one partition
     finally:
         client.close()
     return {
