@@ -333,3 +333,140 @@ def test_the_sentinel_config_runs_on_a_real_sentinel(tmp_path):
         sentinel.terminate()
         sentinel.wait(10)
         master.close()
+
+
+# --- the Cluster variant (compose.cluster.yaml, deploy/redis-cluster.conf) -------------------
+
+COMPOSE_CLUSTER = ROOT / "compose.cluster.yaml"
+REDIS_CLUSTER_CONF = ROOT / "deploy" / "redis-cluster.conf"
+CLUSTER_NODES = {f"redis{i}" for i in range(1, 7)}
+
+
+def cluster_services() -> dict:
+    return yaml.safe_load(COMPOSE_CLUSTER.read_text())["services"]
+
+
+def cluster_init_script() -> str:
+    command = cluster_services()["cluster-init"]["command"]
+    assert command[:2] == ["sh", "-ec"]
+    return command[2]
+
+
+def cluster_conf() -> dict[str, str]:
+    lines = REDIS_CLUSTER_CONF.read_text().splitlines()
+    return dict(ln.split(None, 1) for ln in lines if ln.strip() and not ln.startswith("#"))
+
+
+def test_compose_cluster_variant_has_six_cluster_nodes_on_the_tested_config():
+    services = cluster_services()
+    nodes = {n for n, s in services.items() if s.get("command", [""])[0] == "redis-server"}
+    assert nodes == CLUSTER_NODES
+    conf = cluster_conf()
+    assert conf["cluster-enabled"] == "yes" and conf["port"] == "6379"
+    assert conf["cluster-config-file"] == "nodes.conf" and "dir" not in conf  # the image's /data
+    assert conf["cluster-preferred-endpoint-type"] == "hostname"
+    for name in nodes:
+        node = services[name]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in node["volumes"]}
+        config = node["command"][1]
+        assert (ROOT / mounts[config]).resolve() == REDIS_CLUSTER_CONF
+        assert mounts["/data"] == f"{name}-data"  # nodes.conf and the AOF survive a restart
+        # clients are sent to the node's compose name, which is also its hostname
+        flags = node["command"][2:]
+        assert flags == ["--cluster-announce-hostname", name] and node["hostname"] == name
+        assert node["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_compose_cluster_init_creates_one_cluster_over_exactly_those_nodes():
+    import shlex
+
+    services = cluster_services()
+    init = services["cluster-init"]
+    assert init["depends_on"] == {n: {"condition": "service_healthy"} for n in CLUSTER_NODES}
+    assert init["restart"] == "no"
+    script = cluster_init_script()
+    assert "$" not in script  # compose would interpolate it
+    words = shlex.split(script)
+    start = words.index("create")
+    assert words[start - 2 : start] == ["redis-cli", "--cluster"]
+    end = next(i for i in range(start + 1, len(words)) if words[i].startswith("--"))
+    hosts = words[start + 1 : end]
+    assert sorted(hosts) == sorted(f"{n}:6379" for n in CLUSTER_NODES)
+    assert words[end : end + 3] == ["--cluster-replicas", "1", "--cluster-yes"]
+    assert words.count("create") == 1
+
+
+def test_compose_cluster_replicas_and_workers_start_on_a_node_after_the_init():
+    from urllib.parse import urlsplit
+
+    services = cluster_services()
+    combiner = [s for s in services.values() if s.get("image") == "redis-combiner:latest"]
+    assert sorted(s["command"][0] for s in combiner) == ["serve"] * 3 + ["worker"] * 2
+    for service in combiner:
+        parse(service["command"])
+        env = service["environment"]
+        url = urlsplit(env["COMBINER_REDIS_URL"])
+        assert url.scheme == "redis" and url.hostname in CLUSTER_NODES and url.port == 6379
+        assert env["COMBINER_REDIS_CLUSTER"] == "1"
+        parse([service["command"][0], "--durability", env["COMBINER_DURABILITY"]])
+        assert service["depends_on"] == {
+            "cluster-init": {"condition": "service_completed_successfully"}
+        }
+    haproxy = services["haproxy"]
+    assert (ROOT / haproxy["volumes"][0].split(":")[0]).resolve() == HAPROXY_CFG
+    assert haproxy["depends_on"] == ["replica1", "replica2", "replica3"]
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+    reason="redis-server or redis-cli missing",
+)
+def test_the_cluster_config_and_init_script_make_a_real_cluster():
+    """Six redis-server processes on deploy/redis-cluster.conf (loopback ports and folders
+    instead of 6379 and /data), joined by the cluster-init script itself: three primaries
+    with a replica each, cluster_state:ok, and clients sent to the announced hostname. A
+    second run of the script (a second `docker compose up`) leaves the cluster as it is."""
+    import re
+
+    from tests.redis_cluster import ClusterTopology
+
+    # "localhost" stands in for the compose hostnames: resolvable, and not the IP
+    topology = ClusterTopology(
+        primaries=3,
+        replicas=1,
+        appendonly=True,
+        config_file=REDIS_CLUSTER_CONF,
+        options={"cluster-announce-hostname": "localhost"},
+    )
+    try:
+        topology.start_nodes()  # (a node may move to another port if its own was taken)
+        port = {f"redis{i}": node.port for i, node in enumerate(topology.nodes, 1)}
+        script = cluster_init_script()
+        script = re.sub(r"\b(redis\d):6379\b", lambda m: f"127.0.0.1:{port[m[1]]}", script)
+        script = re.sub(
+            r"-h (redis\d) -p 6379\b", lambda m: f"-h 127.0.0.1 -p {port[m[1]]}", script
+        )
+        assert "redis1" not in script and "6379" not in script
+        node = topology.nodes[0]
+        client = node.client()
+        try:
+            config = client.config_get("cluster-*")
+        finally:
+            client.close()
+        assert config["cluster-enabled"] == "yes" and config["cluster-node-timeout"] == "5000"
+        done = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "[OK] All 16384 slots covered." in done.stdout
+        topology.wait_ok(30)
+        assert "cluster_state:ok" in node.call("CLUSTER", "INFO")
+        assert len(topology.primaries()) == 3
+        assert sorted(n.call("ROLE")[0] for n in topology.nodes) == ["master"] * 3 + ["slave"] * 3
+        shards = node.call("CLUSTER", "SLOTS")
+        assert {r[2][0] for r in shards} == {"localhost"}  # the hostname, not the IP
+
+        again = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=90)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "Performing hash slots allocation" not in again.stdout
+        assert node.call("CLUSTER", "SLOTS") == shards
+    finally:
+        topology.close()
