@@ -48,6 +48,10 @@ class Config:
     # durability: SendModelMetric with --durability local vs replicated (a Redis replica
     # started for it), this many interleaved pairs of runs
     durability_reps: int
+    # cluster: PollAndReport and SendModelMetric on `cluster_replicas` replicas over a Redis
+    # Cluster of 1 and of 3 primaries (started for it), this many interleaved rounds
+    cluster_replicas: int = 4
+    cluster_reps: int = 3
     # targets that only make sense at full size
     full_size: dict = field(default_factory=dict)
 
@@ -85,6 +89,8 @@ FULL = Config(
     round_clients=100,
     round_model_bytes=10 * MiB,
     durability_reps=3,
+    cluster_replicas=4,
+    cluster_reps=3,
 )
 
 QUICK = Config(
@@ -117,6 +123,8 @@ QUICK = Config(
     round_clients=20,
     round_model_bytes=10 * MiB,
     durability_reps=3,
+    cluster_replicas=4,
+    cluster_reps=3,
 )
 
 SMOKE = Config(
@@ -149,6 +157,8 @@ SMOKE = Config(
     round_clients=3,
     round_model_bytes=MiB // 4,
     durability_reps=1,
+    cluster_replicas=4,
+    cluster_reps=1,
 )
 
 # Full-size figures some targets are stated for.

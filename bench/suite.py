@@ -153,9 +153,10 @@ class Bench:
 
     # --- deployments -------------------------------------------------------------------
 
-    async def deploy(self, *specs: tuple) -> list[Deployment]:
+    async def deploy(self, *specs: tuple, redis_url: str = "") -> list[Deployment]:
         """Start (or reuse) deployments, all at once: (name, replicas, extra args...);
-        replicas=0 means a bare server."""
+        replicas=0 means a bare server. redis_url: the replicas use that Redis (a Redis
+        Cluster the scenario started, say) instead of the suite's own."""
         new: list[Deployment] = []
         for name, replicas, *extra in specs:
             if name in self.deployments:
@@ -169,7 +170,7 @@ class Bench:
                     self._server(
                         f"{name}-{i + 1}",
                         replica_args(
-                            self.redis.url,
+                            redis_url or self.redis.url,
                             prefix,
                             f"{name}-{i + 1}",
                             self.workdir / "state",
@@ -317,7 +318,12 @@ class Bench:
                 call = chan.unary_unary("/bench.Control/Count")
                 return int(await call(b"", timeout=5))
         broker = await self.broker(dep.prefix)
-        return await broker._redis.zcard(broker._keys.streams)
+        return sum(
+            [
+                await broker._redis.zcard(broker._keys.streams(p))
+                for p in broker._keys.all_partitions
+            ]
+        )
 
     async def release(self, dep: Deployment) -> int:
         async with grpc.aio.insecure_channel(dep.target) as chan:

@@ -3,6 +3,7 @@
 
 from bench.scenarios import (
     auth,
+    cluster,
     durability,
     fanout,
     ingest,
@@ -20,6 +21,7 @@ SCENARIOS = {
     "percore": percore.run,
     "ingest": ingest.run,
     "durability": durability.run,
+    "cluster": cluster.run,
     "fanout": fanout.run,
     "transfer": transfer.run,
     "memory": memory.run,
