@@ -104,8 +104,7 @@ class Broker:
         written by another schema version (broker/schema.py), BrokerUnavailable if Redis
         is down."""
         wanted = self._settings.partitions or (DEFAULT_CLUSTER if self.cluster else 1)
-        found, partitions = await self._ctx.call(schema.claim, self._redis, self._keys, wanted)
-        schema.check(self._keys, found)
+        partitions = await self._ctx.call(schema.claim, self._redis, self._keys, wanted)
         if self._settings.partitions and partitions != self._settings.partitions:
             log.warning(
                 "prefix %r has %d partitions (set when it was first used); %d asked for",

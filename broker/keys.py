@@ -132,6 +132,11 @@ class Keys:
         return f"{self.prefix}:partitions"
 
     @property
+    def version_1_marker(self) -> str:
+        """A key every used prefix of schema version 1 has (its global client index)."""
+        return f"{self.prefix}:clients"
+
+    @property
     def schema(self) -> str:
         """The schema version of every key under the prefix (broker/schema.py)."""
         return f"{self.prefix}:schema"

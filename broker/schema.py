@@ -5,7 +5,7 @@ process checks it when it connects (Broker.start, before anything else touches t
 
 * absent: it is written with SET NX, so two processes starting at once on a fresh prefix
   agree on one value (each reads back what is stored, in the same round trip). A prefix
-  written before this key existed holds version 1 keys, so it is adopted as version 1.
+  written before this key existed holds version 1 keys (``P:clients`` shows it): refused.
 * equal to SCHEMA_VERSION: fine.
 * anything else (another version, not an integer, not a string): SchemaMismatch, and the
   process writes nothing else. The way out is to move the deployment to a fresh prefix
@@ -45,27 +45,43 @@ MOVE_HINT = (
 )
 
 
-async def claim(redis, keys: Keys, partitions: int) -> tuple[bytes | None, int]:
-    """Write SCHEMA_VERSION and the partition count if the prefix has none yet, and return
-    what the version key holds now and the partition count in force (one round trip).
-    Raises SchemaMismatch if either key is not a string or the count is not a number."""
+async def claim(redis, keys: Keys, partitions: int) -> int:
+    """Check the prefix's schema version, writing it (and ``partitions``) on a fresh prefix;
+    returns the partition count in force. One round trip when the prefix is in use, two on
+    a fresh one. Raises SchemaMismatch, having written nothing, for keys of another layout:
+    another version, a key that holds no version, or (no version key at all) keys that
+    version 1 wrote before the key existed."""
     pipe = redis.pipeline(transaction=False)
-    pipe.set(keys.schema, SCHEMA_VERSION, nx=True)
     pipe.get(keys.schema)
-    pipe.set(keys.partition_count, partitions, nx=True)
     pipe.get(keys.partition_count)
-    _, found, _, count = await pipe.execute(raise_on_error=False)
-    for reply in (found, count):
+    pipe.exists(keys.version_1_marker)
+    found, count, legacy = _replies(keys, await pipe.execute(raise_on_error=False))
+    if found is None and legacy:
+        raise mismatch(keys, f"no version, and {keys.version_1_marker} of version 1's layout")
+    check(keys, found)
+    if found is None or count is None:
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(keys.schema, SCHEMA_VERSION, nx=True)
+        pipe.get(keys.schema)
+        pipe.set(keys.partition_count, partitions, nx=True)
+        pipe.get(keys.partition_count)
+        _, found, _, count = _replies(keys, await pipe.execute(raise_on_error=False))
+        check(keys, found)  # another version's first connect may have won the race
+    if count is None:  # deleted in between (a FLUSHDB): nothing to misread
+        return partitions
+    try:
+        return int(count)
+    except ValueError:
+        raise mismatch(keys, f"{keys.partition_count} = {count[:40]!r}") from None
+
+
+def _replies(keys: Keys, replies: list) -> list:
+    for reply in replies:
         if isinstance(reply, rex.ResponseError) and str(reply).startswith("WRONGTYPE"):
             raise mismatch(keys, "a key that is not a string")
         if isinstance(reply, Exception):
             raise reply  # anything else (LOADING, NOPERM, ...): as from any other call
-    if count is None:  # deleted in between (a FLUSHDB): nothing to misread
-        return found, partitions
-    try:
-        return found, int(count)
-    except ValueError:
-        raise mismatch(keys, f"{keys.partition_count} = {count[:40]!r}") from None
+    return replies
 
 
 def check(keys: Keys, found: bytes | None) -> None:

@@ -38,6 +38,11 @@ def fresh(own_redis):
     client.close()
 
 
+def marks(prefix: str) -> set[bytes]:
+    """The keys every connect to a fresh prefix writes: the version and the partitions."""
+    return {f"{prefix}:schema".encode(), f"{prefix}:partitions".encode()}
+
+
 def expect_refusal(message: str, prefix: str, found: str) -> None:
     assert f"prefix {prefix!r}" in message, message
     assert found in message, message
@@ -52,21 +57,37 @@ async def test_the_first_connect_writes_the_version_and_the_next_ones_agree(fres
     assert r.dbsize() == 0
     async with connect(url, settings=Settings(prefix=prefix)) as broker:
         assert await broker.ping()
-    assert r.keys("*") == [f"{prefix}:schema".encode()]
+    assert set(r.keys("*")) == marks(prefix)
     assert r.get(f"{prefix}:schema") == str(SCHEMA_VERSION).encode()
+    assert r.get(f"{prefix}:partitions") == b"1"  # a standalone Redis: one partition
     for _ in range(2):
         async with connect(url, settings=Settings(prefix=prefix)) as broker:
             await broker.tasks.push("c1", "Custom_x")  # and it works as before
     assert r.get(f"{prefix}:schema") == str(SCHEMA_VERSION).encode()
 
 
-async def test_a_prefix_from_before_the_version_existed_is_adopted(fresh):
+async def test_a_prefix_from_before_the_version_existed_is_refused(fresh):
     """Keys without a P:schema were written in the layout of version 1."""
     url, prefix, r = fresh
     r.zadd(f"{prefix}:clients", {"c1": 1.0})
-    async with connect(url, settings=Settings(prefix=prefix)) as broker:
-        assert await broker.presence.clients()
-    assert r.get(f"{prefix}:schema") == b"1"
+    with pytest.raises(SchemaMismatch) as err:
+        await connect(url, settings=Settings(prefix=prefix))
+    expect_refusal(str(err.value), prefix, f"{prefix}:clients of version 1's layout")
+    assert r.keys("*") == [f"{prefix}:clients".encode()]  # nothing written
+
+
+async def test_a_fresh_prefix_keeps_the_partitions_it_was_first_given(fresh):
+    url, prefix, r = fresh
+    async with connect(url, settings=Settings(prefix=prefix, partitions=4)) as broker:
+        await broker.tasks.push("c7", "Custom_x")
+    assert r.get(f"{prefix}:partitions") == b"4"
+    async with connect(url, settings=Settings(prefix=prefix, partitions=8)) as broker:
+        assert broker._keys.partitions == 4  # the prefix's number wins (and is logged)
+        assert (await broker.tasks.take_for_stream("c7"))[0]  # the task is where it was
+    r.set(f"{prefix}:partitions", "many")
+    with pytest.raises(SchemaMismatch) as err:
+        await connect(url, settings=Settings(prefix=prefix))
+    assert f"{prefix}:partitions = b'many'" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +136,7 @@ async def test_concurrent_first_connects_all_succeed_with_one_version(fresh):
         assert all(await asyncio.gather(*(b.ping() for b in brokers)))
     finally:
         await asyncio.gather(*(b.close() for b in brokers))
-    assert r.keys("*") == [f"{prefix}:schema".encode()]
+    assert set(r.keys("*")) == marks(prefix)
     assert r.get(f"{prefix}:schema") == str(SCHEMA_VERSION).encode()
 
 
@@ -123,7 +144,7 @@ def test_every_command_refuses_another_version_clearly(fresh):
     """Read-only and writing CLI commands, a replica and a worker: each exits non-zero with
     the message (an `Error:` line, no traceback), and none writes anything."""
     url, prefix, r = fresh
-    r.set(f"{prefix}:schema", "2")
+    r.set(f"{prefix}:schema", "1")  # the previous version
     at = ["--redis-url", url, "--prefix", prefix]
     commands = [
         ["status", *at],
@@ -137,17 +158,17 @@ def test_every_command_refuses_another_version_clearly(fresh):
     with ThreadPoolExecutor(4) as pool:
         procs = list(pool.map(lambda args: run(*args), commands))
     for args, proc in zip(commands, procs, strict=True):
-        assert_clean_failure(proc, "schema version 2")
+        assert_clean_failure(proc, "schema version 1")
         # click prints the message on one line after "Error: "
         message = next(line for line in proc.stderr.splitlines() if line.startswith("Error:"))
-        expect_refusal(message, prefix, "schema version 2")
+        expect_refusal(message, prefix, "schema version 1")
         assert "listening on" not in proc.stdout, args
     assert r.keys("*") == [f"{prefix}:schema".encode()]
-    assert r.get(f"{prefix}:schema") == b"2"
+    assert r.get(f"{prefix}:schema") == b"1"
 
 
 def test_a_read_only_command_on_a_fresh_prefix_writes_only_the_version(fresh):
     url, prefix, r = fresh
     proc = run("status", "--json", "--redis-url", url, "--prefix", prefix)
     assert proc.returncode == 0, proc.stderr
-    assert r.keys("*") == [f"{prefix}:schema".encode()]
+    assert set(r.keys("*")) == marks(prefix)
