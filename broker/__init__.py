@@ -7,17 +7,22 @@ from broker.errors import (
     BrokerUnavailable,
     Conflict,
     InvalidInput,
+    Misconfigured,
     NotFound,
     NotReady,
     SchemaMismatch,
 )
+from broker.partitions import DEFAULT_CLUSTER, MAX_PARTITIONS
 
 __all__ = [
+    "DEFAULT_CLUSTER",
+    "MAX_PARTITIONS",
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
     "Conflict",
     "InvalidInput",
+    "Misconfigured",
     "NotFound",
     "NotReady",
     "SchemaMismatch",

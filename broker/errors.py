@@ -36,3 +36,8 @@ class Forbidden(BrokerError):
 class SchemaMismatch(BrokerError):
     """The keys under the prefix were written by another schema version (broker/schema.py):
     this code would misread them, so it refuses to run against them."""
+
+
+class Misconfigured(BrokerError):
+    """The settings cannot work with this Redis (``--durability replicated`` on a Cluster,
+    a Sentinel URL with ``--redis-cluster``): the process refuses to start."""

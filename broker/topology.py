@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 
 from broker.connection import with_hiredis_packing
 from broker.durability import Confirmation, redis_class
+from broker.errors import Misconfigured
 from broker.retry import RetryPolicy
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -164,9 +165,12 @@ def make_client(
     replicated mode; not on a Cluster yet)."""
     if cluster:
         if confirmation is not None:
-            raise ValueError("--durability replicated is not supported on a Redis Cluster yet")
+            raise Misconfigured(
+                "--durability replicated is not supported on a Redis Cluster yet: "
+                "run --durability local (docs/redis.md, 'Cluster')"
+            )
         if is_sentinel(url):
-            raise ValueError("a redis+sentinel:// URL names a Sentinel master, not a Cluster")
+            raise Misconfigured("a redis+sentinel:// URL names a Sentinel master, not a Cluster")
         client = RedisCluster.from_url(
             url, max_connections=pool_size * CLUSTER_POOL_FACTOR, **CONNECTION
         )

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from broker import Broker, BrokerError, Settings, connect
+from broker import DEFAULT_CLUSTER, MAX_PARTITIONS, Broker, BrokerError, Settings, connect
 from broker.embedded import EmbeddedRedis
-from broker.partitions import DEFAULT_CLUSTER, MAX_PARTITIONS
 from broker.records import SessionStatus
 from combiner import __version__, logs
 from combiner.render import print_session, print_status, print_task

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from broker.embedded import free_port
+from broker.keys import Keys
 from combiner.cli import main as cli_main
 
 _SCRIPT = pathlib.Path(sys.executable).with_name("combiner")
@@ -100,7 +101,7 @@ def test_model_put_prints_an_id_and_get_gives_the_same_bytes(at, tmp_path, rdb, 
     # under a chosen id too
     put = run("model", "put", str(source), "--id", "chosen-1", *at)
     assert (put.returncode, put.stdout.strip()) == (0, "chosen-1")
-    assert rdb.hget(f"{prefix}:model:chosen-1", "state") == b"ok"
+    assert rdb.hget(Keys(prefix).model("chosen-1"), "state") == b"ok"
 
 
 def test_model_get_unknown_fails_clearly(at, tmp_path):
@@ -137,7 +138,7 @@ def test_task_push_prints_an_id_and_show_reports_it_queued(at, rdb, prefix):
     assert view["correlation_id"] == corr and view["state"] == "queued"
     assert view["client_id"] == "c1" and view["type"] == "Fedn_ModelUpdate"
     assert (view["session_id"], view["round_id"], view["attempts"]) == ("s1", "2", 0)
-    assert rdb.llen(f"{prefix}:{{c:c1}}:queue") == 1
+    assert rdb.llen(Keys(prefix).queue("c1")) == 1
 
     table = run("task", "show", corr, *at)  # the human-readable form works as well
     assert table.returncode == 0 and corr in table.stdout and "queued" in table.stdout
@@ -181,7 +182,7 @@ def test_environment_variables_are_honoured(redis_url, prefix, rdb):
     push = run("task", "push", "--client", "env-client", "--type", "Fedn_Validation", env=env)
     assert push.returncode == 0, push.stderr
     corr = push.stdout.strip()
-    assert rdb.exists(f"{prefix}:taskref:{corr}")
+    assert rdb.exists(Keys(prefix).taskref(corr, 0))
     show = run("task", "show", corr, "--json", env=env)
     assert json.loads(show.stdout)["client_id"] == "env-client"
     # a flag wins over the environment
@@ -227,3 +228,14 @@ def test_embedded_redis_keeps_tasks_between_short_commands(state_dir, tmp_path):
     assert (view["correlation_id"], view["state"]) == (corr, "queued")
     assert not (redis_dir / "redis.url").exists()
     assert not (tmp_path / ".combiner").exists()  # only the given state folder was used
+
+
+def test_what_a_cluster_cannot_do_is_refused_clearly(cluster_url, prefix):
+    """--durability replicated on a Redis Cluster, --redis-cluster on a Sentinel URL: one
+    'Error:' line, before anything is written."""
+    at = ["--redis-url", cluster_url, "--prefix", prefix]
+    proc = run("status", *at, "--durability", "replicated")
+    assert_clean_failure(proc, "--durability replicated is not supported on a Redis Cluster")
+    sentinel = ["--redis-url", "redis+sentinel://127.0.0.1:1/m", "--prefix", prefix]
+    proc = run("status", *sentinel, "--redis-cluster")
+    assert_clean_failure(proc, "names a Sentinel master, not a Cluster")
