@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from broker import InvalidInput, limits
+from broker.keys import Keys
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import meta, next_task
 from tests.services import data_keys, eventually, inbound_entries
@@ -436,6 +437,6 @@ def test_task_push_over_the_limits_fails_clearly_and_queues_nothing(redis_url, p
         if "--data" not in args:  # a byte less of the id is fine
             proc = run("task", "push", *[a[:ID] for a in args], *at)
             assert proc.returncode == 0, proc.stderr
-            assert rdb.llen(f"{prefix}:{{c:{args[1][:ID]}}}:queue") == 1
+            assert rdb.llen(Keys(prefix).queue(args[1][:ID])) == 1
     finally:
         rdb.close()

@@ -20,6 +20,7 @@ import redis
 
 from broker import connect
 from broker.context import Settings
+from broker.keys import Keys
 from combiner.processes import Child
 from combiner.refclient import ReferenceClient
 from tests import tokens
@@ -194,7 +195,7 @@ def test_each_user_is_refused_what_its_role_does_not_need(acl_redis, prefix):
             assert "role" in c.info("replication")
     with client("replica") as r:
         assert r.ping()
-        r.hset(f"{prefix}:{{c:a}}:client", "status", "online")  # its own keys: fine
+        r.hset(Keys(prefix).client("a"), "status", "online")  # its own keys: fine
         r.hset(f"{prefix}:auth:keys", "kid", "pem")  # publishing its signing key: fine
         assert r.hgetall(f"{prefix}:auth:token:0123") == {}  # reading tokens: fine
         refused(r.flushall)
@@ -215,14 +216,14 @@ def test_each_user_is_refused_what_its_role_does_not_need(acl_redis, prefix):
         refused(lambda: w.hgetall(f"{prefix}:auth:token:0123"))
         refused(lambda: w.get(f"{prefix}:auth:revocations"))
         refused(w.flushdb)
-        refused(lambda: w.execute_command("SUBSCRIBE", f"{prefix}:wake"))
+        refused(lambda: w.execute_command("SUBSCRIBE", Keys(prefix).wake()))
     with client("operator") as o:
         o.hset(f"{prefix}:auth:token:0123", "status", "revoked")  # token admin: fine
         refused(o.flushall)
         refused(lambda: o.config_set("appendonly", "no"))
         refused(lambda: o.get(outside))
         refused(lambda: o.execute_command("ACL", "LIST"))
-        refused(lambda: o.xreadgroup("g", "c", {f"{prefix}:in:updates": ">"}))
+        refused(lambda: o.xreadgroup("g", "c", {Keys(prefix).inbound("updates"): ">"}))
     wrong = acl_redis.server.url_for("replica", "not-the-password")
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis.from_url(wrong).ping()

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from broker.context import Settings
+from broker.keys import Keys
 from combiner.cli import SERVE_FLAGS, WORKER_FLAGS, main, open_broker, settings_from_flags
 from combiner.cli_docs import _commands
 from combiner.server import ServeOptions
@@ -181,7 +182,7 @@ def test_task_ttl_from_the_environment_sets_the_task_expiry(redis_url, prefix):
     corr = push.stdout.strip()
     client = redis.Redis.from_url(redis_url)
     try:
-        ttl = client.ttl(f"{prefix}:taskref:{corr}")
+        ttl = client.ttl(Keys(prefix).taskref(corr, 0))
     finally:
         client.close()
     assert 1200 < ttl <= 1234, ttl
