@@ -1,4 +1,4 @@
-"""Inbound streams: every message a client sends lands in ``P:in:<kind>`` before the RPC
+"""Inbound streams: every message a client sends lands in ``P:{T}:in:<kind>`` before the RPC
 answers OK. Workers consume them with consumer groups."""
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ class _HashRecord:
 
 @dataclass
 class TaskRecord(_HashRecord):
-    """``P:{c:C}:task:T``: written by push.lua, the poll and stream scripts, result RPCs."""
+    """``P:{T}:c:C:task:T``: written by push.lua, the poll and stream scripts, result RPCs."""
 
     correlation_id: str = ""
     client_id: str = ""

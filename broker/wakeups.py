@@ -1,8 +1,10 @@
-"""Pub/sub wake-ups for TaskStreams: one connection per replica, whatever the client count.
+"""Pub/sub wake-ups for TaskStreams: one connection per replica (one per primary on a
+Cluster), whatever the client count.
 
-A replica SUBSCRIBEs once to ``P:wake`` and routes each message (the encoded ids of the
-clients whose queues got tasks, one per line: one message per push.lua call, so a round's
-fan-out to 5000 clients is 25 messages) to the streams it holds for those clients.
+A replica subscribes once to every partition's ``P:{T}:wake`` and routes each message (the
+encoded ids of the clients whose queues got tasks, one per line: one message per push.lua
+call, so a round's fan-out to 5000 clients is 25 messages) to the streams it holds for
+those clients.
 Pub/sub is fire-and-forget, so it only ever says "look at the queue": the queue in Redis
 is the truth. After every (re)subscribe all local streams are woken to read their queues
 again, so a message lost while the connection was down loses no task.
