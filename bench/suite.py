@@ -236,8 +236,12 @@ class Bench:
 
     async def unary(self, dep: Deployment, method: str, **extra) -> dict:
         """One closed-loop run of a unary RPC; returns the raw result."""
+        return await self.timed(self.unary_spec(dep, method, **extra), dep)
+
+    def unary_spec(self, dep: Deployment, method: str, **extra) -> dict:
+        """The load generator's spec for a closed-loop run of a unary RPC."""
         cfg = self.cfg
-        spec = {
+        return {
             "kind": "unary",
             "target": dep.target,
             "round_robin": dep.round_robin,
@@ -249,7 +253,6 @@ class Bench:
             "redis_url": "" if dep.bare else self.redis.url,
             **extra,
         }
-        return await self.timed(spec, dep)
 
     async def timed(self, spec: dict, dep: Deployment | None = None, command=LOADGEN) -> dict:
         """Start a load generator, wait until it is connected, start its clock. With a

@@ -118,18 +118,8 @@ async def measured(bench: Bench, dep: Deployment, cluster: BenchCluster, method:
     """One closed-loop run (as Bench.timed) with the replicas' CPU, the CPU of every
     primary and every node's INFO at the window's edges."""
     cfg = bench.cfg
-    spec = {
-        "kind": "unary",
-        "target": dep.target,
-        "round_robin": dep.round_robin,
-        "method": method,
-        "clients": cfg.clients,
-        "channels": cfg.channels,
-        "warmup": cfg.warmup,
-        "duration": cfg.duration,
-        "redis_url": "",  # the load generator snapshots one Redis; we snapshot every node
-        "client_prefix": "cl-",
-    }
+    # the load generator snapshots one Redis; we snapshot every node
+    spec = bench.unary_spec(dep, method, redis_url="", client_prefix="cl-")
     servers = [s.pid for s in dep.servers]
     redis_pids = cluster.pids()
     clients = [aioredis.Redis(host="127.0.0.1", port=n.port) for n in cluster.nodes]
