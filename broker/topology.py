@@ -9,7 +9,9 @@
   for ``rediss://``).
 
 * a ``redis://`` or ``rediss://`` URL naming any node of a Redis Cluster: the whole cluster
-  (sharding). Detected when the broker connects (``INFO cluster`` says ``cluster_enabled:1``),
+  (sharding). ``redis://[login@]HOST:PORT,HOST:PORT.../`` names several nodes: the first that
+  answers is asked for the slot map, so a process can start while one of them is down.
+  Detected when the broker connects (``INFO cluster`` says ``cluster_enabled:1``),
   or forced with ``--redis-cluster``. The client is redis-py's RedisCluster, which follows
   MOVED/ASK redirections (a reshard) and re-reads the slot map after a failover; its
   per-node pools do not block, so they are larger (CLUSTER_POOL_FACTOR) and running out is
@@ -28,7 +30,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
@@ -133,18 +135,42 @@ def is_cluster(client) -> bool:
     return isinstance(client, RedisCluster)
 
 
+def node_urls(url: str) -> list[str]:
+    """One URL per host of a ``redis://[login@]HOST:PORT,HOST:PORT.../...`` URL (a Cluster's
+    startup nodes), each with the same login, path and query; a one-host URL as it is."""
+    scheme, sep, rest = url.partition("://")
+    # the authority ends at the first '/' or '?' (a login has them percent-encoded)
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    login, at, hosts = rest[:cut].rpartition("@")
+    tail = rest[cut:]
+    if not sep or "," not in hosts:
+        return [url]
+    return [f"{scheme}://{login}{at}{host.strip()}{tail}" for host in hosts.split(",")]
+
+
 async def cluster_enabled(url: str) -> bool:
-    """Does the server at url run in cluster mode? (Sentinel URLs: no.)"""
+    """Does the server at url run in cluster mode? (Sentinel URLs: no.) With several hosts,
+    the first that answers says; all of them must be nodes of a Cluster."""
     if is_sentinel(url):
         return False
-    probe = aioredis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
-    try:
-        info = await probe.info("cluster")
-    except rex.ResponseError:  # a server without INFO cluster (or an ACL without it)
-        return False
-    finally:
-        await probe.aclose()
-    return int(info.get("cluster_enabled", 0)) == 1
+    urls = node_urls(url)
+    error: Exception | None = None
+    for node in urls:
+        probe = aioredis.Redis.from_url(node, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            info = await probe.info("cluster")
+        except rex.ResponseError:  # a server without INFO cluster (or an ACL without it)
+            info = {}
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            error = exc
+            continue
+        finally:
+            await probe.aclose()
+        enabled = int(info.get("cluster_enabled", 0)) == 1
+        if not enabled and len(urls) > 1:
+            raise Misconfigured(f"{url!r} names several hosts, but {node!r} is not in a Cluster")
+        return enabled
+    raise error
 
 
 def retry_policy(url: str, cluster: bool = False) -> RetryPolicy:
@@ -171,8 +197,13 @@ def make_client(
             )
         if is_sentinel(url):
             raise Misconfigured("a redis+sentinel:// URL names a Sentinel master, not a Cluster")
+        first, *others = node_urls(url)
+        startup = [ClusterNode(p.hostname, p.port) for p in map(urlsplit, others)]
         client = RedisCluster.from_url(
-            url, max_connections=pool_size * CLUSTER_POOL_FACTOR, **CONNECTION
+            first,
+            startup_nodes=startup or None,
+            max_connections=pool_size * CLUSTER_POOL_FACTOR,
+            **CONNECTION,
         )
         # Every node's connections are built from this one dict (and the startup nodes
         # already were): ours, so that no cancellation is lost here either.
@@ -183,6 +214,8 @@ def make_client(
         return client
     if is_sentinel(url):
         return _sentinel_client(parse_sentinel(url), pool_size, confirmation)
+    if len(node_urls(url)) > 1:
+        raise Misconfigured(f"{url!r} names several hosts: that is for a Redis Cluster only")
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=5, **CONNECTION
     )

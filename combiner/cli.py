@@ -42,8 +42,9 @@ def redis_options(fn):
         option(
             "--redis-url",
             default=None,
-            help="Redis to use, e.g. redis://127.0.0.1:6379/0, any node of a Redis Cluster, "
-            "or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER. Default: an embedded "
+            help="Redis to use, e.g. redis://127.0.0.1:6379/0, any node of a Redis Cluster "
+            "(or several: redis://HOST:PORT,HOST:PORT/0), or "
+            "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER. Default: an embedded "
             "redis-server child process with its data under --state-dir.",
         ),
         option(

@@ -239,3 +239,20 @@ def test_what_a_cluster_cannot_do_is_refused_clearly(cluster_url, prefix):
     sentinel = ["--redis-url", "redis+sentinel://127.0.0.1:1/m", "--prefix", prefix]
     proc = run("status", *sentinel, "--redis-cluster")
     assert_clean_failure(proc, "names a Sentinel master, not a Cluster")
+
+
+def test_a_cluster_url_may_name_several_nodes_of_which_the_first_is_down(cluster_url, prefix):
+    live = cluster_url.split("://", 1)[1].split("/", 1)[0]
+    several = f"redis://127.0.0.1:{free_port()},{live}/0"  # nobody listens on the first
+    proc = run("task", "push", "--client", "c1", "--type", "Custom_x",
+               "--redis-url", several, "--prefix", prefix)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = run("task", "show", proc.stdout.strip(), "--json", "--redis-url", several,
+               "--prefix", prefix)  # fmt: skip
+    assert proc.returncode == 0 and json.loads(proc.stdout)["state"] == "queued", proc.stderr
+
+
+def test_several_hosts_are_refused_for_a_redis_that_is_no_cluster(redis_url, prefix):
+    live = redis_url.split("://", 1)[1].split("/", 1)[0]
+    proc = run("status", "--redis-url", f"redis://{live},{live}/0", "--prefix", prefix)
+    assert_clean_failure(proc, "names several hosts", "is not in a Cluster")

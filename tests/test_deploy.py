@@ -399,14 +399,18 @@ def test_compose_cluster_init_creates_one_cluster_over_exactly_those_nodes():
 def test_compose_cluster_replicas_and_workers_start_on_a_node_after_the_init():
     from urllib.parse import urlsplit
 
+    from broker.topology import node_urls
+
     services = cluster_services()
     combiner = [s for s in services.values() if s.get("image") == "redis-combiner:latest"]
     assert sorted(s["command"][0] for s in combiner) == ["serve"] * 3 + ["worker"] * 2
     for service in combiner:
         parse(service["command"])
         env = service["environment"]
-        url = urlsplit(env["COMBINER_REDIS_URL"])
-        assert url.scheme == "redis" and url.hostname in CLUSTER_NODES and url.port == 6379
+        nodes = [urlsplit(u) for u in node_urls(env["COMBINER_REDIS_URL"])]
+        assert len(nodes) == 3  # a process starts while one of them is down
+        for url in nodes:
+            assert url.scheme == "redis" and url.hostname in CLUSTER_NODES and url.port == 6379
         assert env["COMBINER_REDIS_CLUSTER"] == "1"
         parse([service["command"][0], "--durability", env["COMBINER_DURABILITY"]])
         assert service["depends_on"] == {
