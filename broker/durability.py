@@ -21,6 +21,12 @@ its replicas are taken to run AOF too), ``WAITAOF 0 <replicas> <timeout ms>`` re
 the write is then in a replica's AOF on disk, not only in its memory. Detected once, when
 the broker connects (probe()).
 
+On a Redis Cluster each node's part of a pipeline, and each direct command, carries its own
+WAIT in the same way (ConfirmingClusterNode): the node answers it once its own replicas have
+the write. Only the callers whose commands went to a node that could not confirm fail; the
+other nodes' callers are answered as usual. A primary needs ``durability_replicas`` replicas
+*left* after a failover for its slots to keep taking writes, so run one more per primary.
+
 Commands that only read, and the consumer-group bookkeeping a failover may lose harmlessly
 (XREADGROUP, XAUTOCLAIM: entries are delivered again), carry no WAIT. The first writes at
 connect (the schema version key, broker/schema.py) run unconfirmed() so a process can start
@@ -37,7 +43,8 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import _PIPELINE_YIELD_MIN_COMMANDS, Pipeline, _yield_in_read_loop
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.exceptions import ResponseError
 
 from broker.errors import BrokerUnavailable
@@ -205,29 +212,136 @@ def redis_class(confirm: Confirmation | None) -> type[aioredis.Redis]:
     return type("ConfirmingRedis", (ConfirmingRedis,), {"confirmation": confirm})
 
 
+class ConfirmingClusterNode(ClusterNode):
+    """A Cluster node whose writes are followed by the confirmation, in the same packet:
+    redis-py's ClusterNode.execute_command / execute_pipeline (pinned 8.2.0), plus the
+    trailer and its reply, read before the connection goes back to the node's pool."""
+
+    __slots__ = ()
+    confirmation: Confirmation
+
+    async def execute_command(self, *args, asking: bool = False, **kwargs):
+        if _off.get() or asking or not writes(args[0]):
+            return await super().execute_command(*args, asking=asking, **kwargs)
+        confirm = self.confirmation
+        connection = self.acquire_connection()
+        try:
+            await self.disconnect_if_needed(connection)
+            await connection.send_packed_command(
+                [*connection.pack_command(*args), *connection.pack_command(*confirm.command())]
+            )
+            try:
+                result = await self.parse_response(connection, args[0], **kwargs)
+            except ResponseError:  # the command failed (MOVED too); its WAIT reply follows
+                await connection.read_response()
+                raise
+            confirm.check(await connection.read_response())
+            return result
+        finally:
+            try:
+                await self.disconnect_if_needed(connection)
+            finally:
+                self.release(connection)
+
+    async def execute_pipeline(self, commands) -> bool:
+        if _off.get() or not any(writes(c.args[0]) for c in commands):
+            return await super().execute_pipeline(commands)
+        confirm = self.confirmation
+        connection = self.acquire_connection()
+        try:
+            await self.disconnect_if_needed(connection)
+            try:
+                await connection.send_packed_command(
+                    connection.pack_commands([*(c.args for c in commands), confirm.command()])
+                )
+            except Exception as exc:
+                self._mark_free_connections_for_reconnect_on_error(exc)
+                raise
+            failed = False
+            for i, cmd in enumerate(commands):
+                if i and not i % _PIPELINE_YIELD_MIN_COMMANDS:
+                    await _yield_in_read_loop(connection)
+                try:
+                    cmd.result = await self.parse_response(connection, cmd.args[0], **cmd.kwargs)
+                except Exception as exc:
+                    cmd.result, failed = exc, True
+            try:
+                confirm.check(await connection.read_response())
+            except Exception as exc:
+                # Applied here, not confirmed: each of them fails (the batcher re-sends a
+                # connection error's callers, and answers "not confirmed" as on one Redis)
+                self._mark_free_connections_for_reconnect_on_error(exc)
+                for cmd in commands:
+                    if not isinstance(cmd.result, Exception):
+                        cmd.result = exc
+                failed = True
+            return failed
+        finally:
+            try:
+                await self.disconnect_if_needed(connection)
+            finally:
+                self.release(connection)
+
+
+class ConfirmingNodesManager(NodesManager):
+    """Every node the cluster client learns of (slot map, MOVED) enters its caches here."""
+
+    __slots__ = ()
+    node_class: type[ConfirmingClusterNode]
+
+    def set_nodes(self, old, new, remove_old: bool = False) -> None:
+        super().set_nodes(old, new, remove_old)
+        for node in old.values():
+            if type(node) is ClusterNode:
+                node.__class__ = self.node_class
+
+
+def confirm_cluster(client: RedisCluster, confirm: Confirmation | None) -> RedisCluster:
+    """Make a cluster client's writes wait for replicas (nothing for local durability)."""
+    if confirm is None:
+        return client
+    node_class = type("ConfirmingClusterNode", (ConfirmingClusterNode,), {"__slots__": ()})
+    node_class.confirmation = confirm
+    manager = client.nodes_manager
+    manager.__class__ = type("ConfirmingNodesManager", (ConfirmingNodesManager,), {"__slots__": ()})
+    manager.__class__.node_class = node_class
+    manager.set_nodes(manager.startup_nodes, {})  # the nodes it already has
+    client.confirmation = confirm
+    return client
+
+
 async def probe(redis) -> None:
-    """At connect, in replicated mode: use WAITAOF where the master has it and runs AOF, and
-    warn if fewer replicas are connected than every write waits for."""
+    """At connect, in replicated mode: use WAITAOF where every master has it and runs AOF,
+    and warn about each master with fewer connected replicas than every write waits for
+    (on a Cluster: each primary)."""
     confirm = getattr(redis, "confirmation", None)
     if confirm is None:
         return
+    sections = ("server", "replication", "persistence")
     try:
-        info = await redis.info("server", "replication", "persistence")
+        if isinstance(redis, RedisCluster):
+            masters = await redis.info(*sections, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            masters = {"": await redis.info(*sections)}
     except ResponseError as exc:  # an ACL user without +info (docs/redis.md, "ACL users")
         log.warning("durability replicated: cannot check the replicas (%s); using WAIT", exc)
         return
-    version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
-    confirm.waitaof = version >= (7, 2) and int(info.get("aof_enabled", 0)) == 1
-    connected = int(info.get("connected_slaves", 0))
-    if info.get("role") != "master" or connected < confirm.replicas:
-        log.warning(
-            "durability replicated: Redis (%s) has %d connected replica(s), %d needed: "
-            "writes will fail (FAILED_PRECONDITION, 'write not confirmed') until enough "
-            "replicas are connected",
-            info.get("role", "?"),
-            connected,
-            confirm.replicas,
-        )
+    waitaof = bool(masters)
+    for name, info in masters.items():
+        version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
+        waitaof &= version >= (7, 2) and int(info.get("aof_enabled", 0)) == 1
+        connected = int(info.get("connected_slaves", 0))
+        if info.get("role") != "master" or connected < confirm.replicas:
+            log.warning(
+                "durability replicated: Redis %s(%s) has %d connected replica(s), %d needed: "
+                "writes will fail (FAILED_PRECONDITION, 'write not confirmed') until enough "
+                "replicas are connected",
+                f"{name} " if name else "",
+                info.get("role", "?"),
+                connected,
+                confirm.replicas,
+            )
+    confirm.waitaof = waitaof
     log.info(
         "durability replicated: every write waits for %d replica(s), at most %d ms (%s)",
         confirm.replicas,

@@ -42,7 +42,7 @@ from redis.asyncio.sentinel import (
 from redis.backoff import NoBackoff
 
 from broker.connection import with_hiredis_packing
-from broker.durability import Confirmation, redis_class
+from broker.durability import Confirmation, confirm_cluster, redis_class
 from broker.errors import Misconfigured
 from broker.retry import RetryPolicy
 
@@ -188,13 +188,8 @@ def make_client(
 ) -> aioredis.Redis | RedisCluster:
     """The broker's Redis client for url (standalone, Sentinel or Cluster; see the module
     doc). With a confirmation, every write waits for replicas (broker/durability.py,
-    replicated mode; not on a Cluster yet)."""
+    replicated mode)."""
     if cluster:
-        if confirmation is not None:
-            raise Misconfigured(
-                "--durability replicated is not supported on a Redis Cluster yet: "
-                "run --durability local (docs/redis.md, 'Cluster')"
-            )
         if is_sentinel(url):
             raise Misconfigured("a redis+sentinel:// URL names a Sentinel master, not a Cluster")
         first, *others = node_urls(url)
@@ -211,7 +206,7 @@ def make_client(
         kwargs["connection_class"] = with_hiredis_packing(kwargs["connection_class"])
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_class = kwargs["connection_class"]
-        return client
+        return confirm_cluster(client, confirmation)
     if is_sentinel(url):
         return _sentinel_client(parse_sentinel(url), pool_size, confirmation)
     if len(node_urls(url)) > 1:

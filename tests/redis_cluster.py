@@ -70,14 +70,8 @@ class ClusterNode(RedisProcess):
         return args
 
     def client(self, **kw) -> redis.Redis:
-        return redis.Redis(
-            host="127.0.0.1",
-            port=self.port,
-            socket_timeout=2,
-            socket_connect_timeout=2,
-            decode_responses=True,
-            **kw,
-        )
+        kw = {"socket_timeout": 2, "socket_connect_timeout": 2, "decode_responses": True, **kw}
+        return redis.Redis(host="127.0.0.1", port=self.port, **kw)
 
     def call(self, *args):
         """One command, its raw reply: split names ("CLUSTER", "INFO") pass no redis-py

@@ -230,12 +230,19 @@ def test_embedded_redis_keeps_tasks_between_short_commands(state_dir, tmp_path):
     assert not (tmp_path / ".combiner").exists()  # only the given state folder was used
 
 
-def test_what_a_cluster_cannot_do_is_refused_clearly(cluster_url, prefix):
-    """--durability replicated on a Redis Cluster, --redis-cluster on a Sentinel URL: one
-    'Error:' line, before anything is written."""
-    at = ["--redis-url", cluster_url, "--prefix", prefix]
-    proc = run("status", *at, "--durability", "replicated")
-    assert_clean_failure(proc, "--durability replicated is not supported on a Redis Cluster")
+def test_replicated_on_a_cluster_without_replicas_reads_and_refuses_writes(cluster_url, prefix):
+    """--durability replicated on a Cluster whose primaries have no replica: a command that
+    only reads works (with a warning), one that writes fails with one 'Error:' line."""
+    at = ["--redis-url", cluster_url, "--prefix", prefix, "--durability", "replicated"]
+    proc = run("status", *at, "--durability-timeout", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 connected replica(s), 1 needed" in proc.stderr
+    proc = run("task", "push", "--client", "c1", "--type", "Custom_x", *at,
+               "--durability-timeout", "0.1")  # fmt: skip
+    assert_clean_failure(proc, "not confirmed by a Redis replica within 100 ms")
+
+
+def test_a_sentinel_url_is_no_cluster(prefix):
     sentinel = ["--redis-url", "redis+sentinel://127.0.0.1:1/m", "--prefix", prefix]
     proc = run("status", *sentinel, "--redis-cluster")
     assert_clean_failure(proc, "names a Sentinel master, not a Cluster")

@@ -1,0 +1,161 @@
+"""--durability replicated on a real Redis Cluster (broker/durability.py, ConfirmingClusterNode;
+docs/redis.md "Durability"): every node's share of a pipeline, and every direct write, is
+followed by its own WAIT, so a call is answered only once the replica of each primary it wrote
+to has the write.
+
+* what a call wrote is on its primary's replica when the call returns (read there);
+* a paused replica fails the writes to its primary's slots alone ("not confirmed"), the
+  other primaries' callers in the same batches are answered;
+* a Cluster without replicas: each primary is named in a warning, reads work, writes fail;
+* kill -9 of a primary under writers (tests/test_cluster_failover.py, replicated): every
+  write answered OK is in the cluster afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import pytest
+import redis
+
+from broker import BrokerUnavailable, connect
+from broker.context import Settings
+from broker.durability import ConfirmingClusterNode
+from tests.redis_cluster import ClusterTopology, myself
+from tests.services import eventually
+
+CLIENTS = [f"c{i}" for i in range(48)]  # every partition, so every primary, gets some
+
+
+@pytest.fixture(scope="module")
+def topology():
+    with ClusterTopology(primaries=3, replicas=1) as cluster:
+        yield cluster
+
+
+def replicated(prefix: str, **kw) -> Settings:
+    return Settings(prefix=prefix, durability="replicated", **kw)
+
+
+def replica_of(topology: ClusterTopology, primary) -> redis.Redis:
+    """A READONLY connection to the primary's replica (reads its own copy, no MOVED)."""
+    me = myself(primary)["id"]
+    node = next(n for n in topology.live() if myself(n)["master"] == me)
+    client = node.client(decode_responses=False)
+    client.execute_command("READONLY")
+    return client
+
+
+def owner(topology: ClusterTopology, key: str):
+    return topology.primary_for_slot(topology.slot_of(key))
+
+
+def wait_calls(topology: ClusterTopology) -> dict[int, int]:
+    """WAIT commands each primary has answered."""
+    calls = {}
+    for node in topology.primaries():
+        stats = node.client().info("commandstats")
+        calls[node.port] = stats.get("cmdstat_wait", {}).get("calls", 0)
+    return calls
+
+
+@contextlib.contextmanager
+def paused(node):
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+
+
+async def test_replicated_writes_are_on_the_replicas_when_answered(topology, prefix):
+    async with connect(topology.url, settings=replicated(prefix)) as broker:
+        keys = broker._keys
+        assert broker._ctx.cluster
+        before = wait_calls(topology)
+        # batched writes over every partition: one pipeline per node, each with its WAIT
+        ids = await asyncio.gather(
+            *(broker.inbound.add("metrics", c, {"step": "1"}) for c in CLIENTS)
+        )
+        nodes = [n for n in broker._redis.get_nodes() if n.server_type == "primary"]
+        assert nodes and all(isinstance(n, ConfirmingClusterNode) for n in nodes)
+        for p in keys.all_partitions:
+            stream = keys.inbound("metrics", p)
+            mine = {i for c, i in zip(CLIENTS, ids, strict=True) if keys.partition_of(c) == p}
+            if not mine:
+                continue
+            copy = replica_of(topology, owner(topology, stream))
+            try:
+                assert {e for e, _ in copy.xrange(stream)} == mine, p
+            finally:
+                copy.close()
+        # a task (Lua through the batcher), a model (a direct EVALSHA commit), a direct HSET
+        corr = await broker.tasks.push("alice", "Fedn_ModelUpdate", data='{"x": 1}')
+        model_id = await broker.models.put(b"model bytes" * 1000)
+        await broker.credentials.publish_key("k1", "PEM")
+        for key, read in (
+            (keys.task("alice", corr), lambda c, k: c.exists(k)),
+            (keys.model(model_id), lambda c, k: c.hget(k, "state") == b"ok"),
+            (keys.signing_keys, lambda c, k: c.hget(k, "k1") == b"PEM"),
+        ):
+            copy = replica_of(topology, owner(topology, key))
+            try:
+                assert read(copy, key), key
+            finally:
+                copy.close()
+        after = wait_calls(topology)
+        assert all(after[port] > before.get(port, 0) for port in after), (before, after)
+
+
+async def test_a_paused_replica_fails_only_its_primarys_writes(topology, prefix):
+    async with connect(topology.url, settings=replicated(prefix, durability_timeout=0.3)) as b:
+        keys = b._keys
+        victim = owner(topology, keys.client(CLIENTS[0]))
+        on_victim = {c for c in CLIENTS if owner(topology, keys.client(c)) is victim}
+        assert on_victim and len(on_victim) < len(CLIENTS)
+        me = myself(victim)["id"]
+        its_replica = next(n for n in topology.live() if myself(n)["master"] == me)
+        await asyncio.gather(*(b.inbound.add("metrics", c, {"step": "0"}) for c in CLIENTS))
+        with paused(its_replica):
+            results = await asyncio.gather(
+                *(b.inbound.add("metrics", c, {"step": "1"}) for c in CLIENTS),
+                return_exceptions=True,
+            )
+            failed = {c for c, r in zip(CLIENTS, results, strict=True) if isinstance(r, Exception)}
+            assert failed == on_victim
+            for c in failed:
+                r = results[CLIENTS.index(c)]
+                assert isinstance(r, BrokerUnavailable), r
+                assert "not confirmed by a Redis replica within 300 ms" in str(r)
+            # a direct command to the victim fails the same way; reads wait for nothing
+            with pytest.raises(BrokerUnavailable, match="not confirmed"):
+                await b._redis.set(keys.client(CLIENTS[0]) + ":probe", "1")
+            assert await b.ping()
+        # after SIGCONT it confirms again
+        await eventually(lambda: _adds(b, next(iter(on_victim))), 20, "writes confirmed again")
+    await asyncio.to_thread(topology.wait_ok, 30)  # the next test starts from a sound cluster
+
+
+async def _adds(broker, client_id: str) -> bool:
+    try:
+        await broker.inbound.add("metrics", client_id, {"step": "2"})
+        return True
+    except BrokerUnavailable:
+        return False
+
+
+async def test_a_cluster_without_replicas_warns_for_each_primary(cluster_url, prefix, caplog):
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        async with connect(cluster_url, settings=replicated(prefix, durability_timeout=0.05)) as b:
+            warned = [
+                r.getMessage() for r in caplog.records if "0 connected replica" in r.getMessage()
+            ]
+            assert len(warned) == 3, warned  # one per primary, each named
+            assert len({w.split("(")[0] for w in warned}) == 3
+            assert await b.ping()  # reads need no replica
+            with pytest.raises(BrokerUnavailable, match="not confirmed"):
+                await b.inbound.add("metrics", "c1", {"step": "0"})
