@@ -1,6 +1,8 @@
 """deploy/redis-users.acl: a whole session runs with the replica, the worker and the operator
 CLI each under its own restricted Redis user (default user off), Redis denies none of their
-commands, and each user is refused what its role does not need."""
+commands, and each user is refused what its role does not need. The session also runs on a
+Redis Cluster (3 primaries, a replica each) whose nodes all load the file, there under
+--durability replicated (WAIT after writes, INFO of every primary at connect)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from combiner.processes import Child
 from combiner.refclient import ReferenceClient
 from tests import tokens
 from tests.cluster import ROOT
+from tests.redis_cluster import ClusterTopology
 from tests.services import RedisServer, eventually
 from workers.fedavg import load_npz, save_npz
 
@@ -70,12 +73,72 @@ class AclRedis:
             return client.acl_log()
 
 
+class AclCluster(AclRedis):
+    """A Redis Cluster (3 primaries, a replica each) whose nodes run on the generated ACL
+    file. It is made with the default user on (redis-cli --cluster create), then every node
+    loads the real file (ACL LOAD, as the admin user, whose connection survives the
+    reload); replicas sync as the admin user."""
+
+    def __init__(self, tmp_path, prefix: str) -> None:
+        text, self.passwords = _generator().render(TEMPLATE.read_text(), prefix)
+        self.admin_password = secrets.token_urlsafe(24)
+        admin = f"user admin on >{self.admin_password} ~* &* +@all\n"
+        self.acl = tmp_path / "users.acl"
+        self.acl.write_text("user default on nopass ~* &* +@all\n" + admin)
+        self.text = text + admin
+        options = {
+            "aclfile": str(self.acl),
+            "masteruser": "admin",
+            "masterauth": self.admin_password,
+        }
+        self.topology = ClusterTopology(primaries=3, replicas=1, options=options)
+
+    def start(self) -> None:
+        self.topology.start()
+        self.acl.write_text(self.text)
+        for node in self.topology.nodes:
+            with node.client(username="admin", password=self.admin_password) as admin:
+                assert admin.execute_command("ACL", "LOAD") in (b"OK", "OK", True)
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                node.client().ping()  # the default user is off now
+
+    def url(self, role: str) -> str:
+        return f"redis://{role}:{self.passwords[role]}@127.0.0.1:{self.topology.nodes[0].port}"
+
+    def denials(self) -> list[dict]:
+        found = []
+        for node in self.topology.nodes:
+            with node.client(username="admin", password=self.admin_password) as admin:
+                found += admin.acl_log()
+        return found
+
+    def close(self) -> None:
+        self.topology.close()
+
+
 @pytest.fixture
 def acl_redis(tmp_path, prefix):
     acl = AclRedis(tmp_path, prefix)
     acl.server.start()
     yield acl
     acl.server.close()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def acl_topology(request, tmp_path, prefix):
+    """The ACL file on a standalone Redis, or on every node of a Redis Cluster."""
+    if request.param == "standalone":
+        acl = AclRedis(tmp_path, prefix)
+        acl.server.start()
+        yield acl
+        acl.server.close()
+        return
+    acl = AclCluster(tmp_path, prefix)
+    try:
+        acl.start()
+        yield acl
+    finally:
+        acl.close()
 
 
 def as_role(acl: AclRedis, role: str) -> dict[str, str]:
@@ -96,8 +159,10 @@ def test_the_template_cannot_be_loaded_as_is(tmp_path):
     server.close()
 
 
-async def test_a_session_runs_under_the_restricted_users(acl_redis, prefix, tmp_path):
-    common = ["--prefix", prefix, "--log-level", "info"]
+async def test_a_session_runs_under_the_restricted_users(acl_topology, prefix, tmp_path):
+    acl_redis = acl_topology
+    durability = "replicated" if isinstance(acl_redis, AclCluster) else "local"
+    common = ["--prefix", prefix, "--log-level", "info", "--durability", durability]
     replica = Child(
         ["serve", "--port", "0", "--stream-keepalive", "2", "--drain-delay", "0", *common],
         str(tmp_path / "replica.log"),
