@@ -159,3 +159,71 @@ async def test_a_cluster_without_replicas_warns_for_each_primary(cluster_url, pr
             assert await b.ping()  # reads need no replica
             with pytest.raises(BrokerUnavailable, match="not confirmed"):
                 await b.inbound.add("metrics", "c1", {"step": "0"})
+
+
+async def test_writes_across_a_reshard_are_confirmed_and_kept(topology, prefix):
+    """MOVED and ASK during a reshard re-send a command on its own to its new node, which
+    confirms it too (an ASKING must not be followed by a WAIT: it admits one command)."""
+    async with connect(topology.url, settings=replicated(prefix)) as broker:
+        keys = broker._keys
+        acked: dict[str, set[int]] = {c: set() for c in CLIENTS}
+        stop = asyncio.Event()
+
+        async def send(client_id: str) -> None:
+            step = 0
+            while not stop.is_set():
+                step += 1
+                await broker.inbound.add("metrics", client_id, {"step": step})
+                acked[client_id].add(step)
+
+        source = owner(topology, keys.clients(0))
+        target = next(p for p in topology.primaries() if p is not source)
+        senders = [asyncio.create_task(send(c)) for c in CLIENTS]
+        try:
+            await eventually(lambda: _each_sent(acked, senders, 3), 30, "calls before")
+            await asyncio.to_thread(topology.reshard, source, target, 1000)
+            now = min(map(len, acked.values()))
+            await eventually(lambda: _each_sent(acked, senders, now + 3), 30, "calls after")
+        finally:
+            stop.set()
+            await asyncio.gather(*senders)  # a failed call fails the test here
+        assert owner(topology, keys.clients(0)) is target  # partition 0 moved
+        stored: dict[str, set[int]] = {c: set() for c in CLIENTS}
+        for p in keys.all_partitions:
+            for _, fields in await broker._redis.xrange(keys.inbound("metrics", p)):
+                stored[fields[b"client_id"].decode()].add(int(fields[b"step"]))
+        assert all(acked[c] <= stored[c] for c in CLIENTS)
+
+
+async def _each_sent(acked: dict[str, set[int]], senders, n: int) -> bool:
+    assert not any(t.done() for t in senders), [t.exception() for t in senders if t.done()]
+    return min(map(len, acked.values())) >= n
+
+
+async def test_a_write_asked_to_another_node_is_confirmed_there(topology, prefix):
+    """A slot half-migrated (MIGRATING on its owner, IMPORTING on another): a write of a
+    new key there is answered ASK, so redis-py sends ASKING, then the write, to the other
+    node. ASKING admits the next command only: a WAIT after it would turn the write away."""
+    async with connect(topology.url, settings=replicated(prefix)) as broker:
+        key = f"{prefix}:asked"
+        slot = topology.slot_of(key)
+        source = owner(topology, key)
+        target = next(p for p in topology.primaries() if p is not source)
+        ids = {n.port: topology.node_id(n) for n in (source, target)}
+        target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+        source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port])
+        try:
+            assert await broker._redis.set(key, "v")
+            with target.client() as on_target:
+                on_target.execute_command("ASKING")
+                assert on_target.get(key) == "v"
+        finally:
+            for node in topology.primaries():  # the slot is the target's now
+                node.call("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+        await asyncio.to_thread(topology.wait_ok, 30)
+        assert await broker._redis.get(key) == b"v"
+        copy = replica_of(topology, target)
+        try:
+            assert copy.get(key) == b"v"
+        finally:
+            copy.close()
