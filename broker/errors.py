@@ -39,5 +39,5 @@ class SchemaMismatch(BrokerError):
 
 
 class Misconfigured(BrokerError):
-    """The settings cannot work with this Redis (``--durability replicated`` on a Cluster,
-    a Sentinel URL with ``--redis-cluster``): the process refuses to start."""
+    """The settings cannot work with this Redis (a Sentinel URL with ``--redis-cluster``,
+    several hosts for a Redis that is no Cluster): the process refuses to start."""

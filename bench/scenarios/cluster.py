@@ -22,6 +22,13 @@ median run of each case counts. The baseline of every row is the 1-primary clust
 
 The point on a 2-core machine is the cost per RPC (3 primaries + the replicas + the load
 generator share the cores), not raw scaling.
+
+**--durability replicated on a Cluster**: a third cluster, 3 primaries with one replica each,
+carries two deployments of ``cluster_replicas`` replicas, ``--durability local`` and
+``--durability replicated``; SendModelMetric at saturation on each, interleaved, the local
+run as the baseline. Redis CPU there is every node's (replicas too: WAIT makes them
+acknowledge); round trips are the primaries' read events less their replicas' REPLCONF
+ACKs (bench/scenarios/durability.py says why).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import redis.asyncio as aioredis
 
 from bench.client import redis_snapshot
 from bench.procs import cpu_seconds
+from bench.scenarios import durability
 from bench.scenarios.unary import pick_median, summary
 from bench.suite import Bench, Deployment, row
 from tests.redis_cluster import ClusterNode, ClusterTopology
@@ -44,26 +52,24 @@ OWN_READS = 2  # per node inside the window: the after snapshot's INFO stats, th
 
 
 class BenchCluster(ClusterTopology):
-    """A ClusterTopology of `primaries` primaries and no replicas, whose nodes live under
-    the bench's workdir and are registered with the suite (its last-resort kill reaches
-    them); 1 primary is made by hand, as redis-cli's create needs 3."""
+    """A ClusterTopology of `primaries` primaries with `replicas` replicas each, whose nodes
+    live under the bench's workdir and are registered with the suite (its last-resort kill
+    reaches them); 1 primary is made by hand, as redis-cli's create needs 3."""
 
-    def __init__(self, bench: Bench, primaries: int) -> None:
-        self.replicas_per_primary = 0
+    def __init__(self, bench: Bench, primaries: int, replicas: int = 0, name: str = "") -> None:
+        self.replicas_per_primary = replicas
         self.registry = bench.registry
         settings = {
             "cluster-enabled": "yes",
             "cluster-node-timeout": "1000",
             "cluster-require-full-coverage": "yes",
+            "repl-diskless-sync-delay": "0",
         }
         taken: set[int] = set()
+        folder = bench.workdir / (name or f"cluster{primaries}")
         self.nodes = [
-            ClusterNode(
-                taken=taken,
-                options=settings,
-                data_dir=bench.workdir / f"cluster{primaries}" / f"node{i + 1}",
-            )
-            for i in range(primaries)
+            ClusterNode(taken=taken, options=settings, data_dir=folder / f"node{i + 1}")
+            for i in range(primaries * (1 + replicas))
         ]
 
     def start_nodes(self) -> BenchCluster:
@@ -80,7 +86,8 @@ class BenchCluster(ClusterTopology):
             node.call("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
 
     def pids(self) -> list[int]:
-        return [node.pid for node in self.primaries()]
+        """Every node's: Redis CPU is the primaries' and (with replicas) their replicas'."""
+        return [node.pid for node in self.live()]
 
 
 def cluster_round_trips(before: list[dict], after: list[dict], rpcs: int) -> dict:
@@ -93,10 +100,11 @@ def cluster_round_trips(before: list[dict], after: list[dict], rpcs: int) -> dic
             k: a["commandstats"].get(k, 0) - b["commandstats"].get(k, 0) for k in a["commandstats"]
         }
         commands = a["total_commands_processed"] - b["total_commands_processed"]
+        acks = cmds.get("replconf", 0)  # a replica's REPLCONF ACK: a read, not an RPC's
         per_node.append(
             {
                 "reads": reads,
-                "round_trips": max(0, reads - OWN_READS),
+                "round_trips": max(0, reads - OWN_READS - acks),
                 "exec": cmds.get("exec", 0),
                 "commands": commands - cmds.get("info", 0),
                 "commandstats": {k: v for k, v in sorted(cmds.items()) if v and k != "info"},
@@ -122,7 +130,8 @@ async def measured(bench: Bench, dep: Deployment, cluster: BenchCluster, method:
     spec = bench.unary_spec(dep, method, redis_url="", client_prefix="cl-")
     servers = [s.pid for s in dep.servers]
     redis_pids = cluster.pids()
-    clients = [aioredis.Redis(host="127.0.0.1", port=n.port) for n in cluster.nodes]
+    # round trips are the primaries' (a replica reads its primary's stream, not RPCs)
+    clients = [aioredis.Redis(host="127.0.0.1", port=n.port) for n in cluster.primaries()]
 
     def cpu() -> dict:
         return {
@@ -160,6 +169,63 @@ async def measured(bench: Bench, dep: Deployment, cluster: BenchCluster, method:
     return s
 
 
+DURABILITY = ("local", "replicated")
+
+
+async def durability_runs(bench: Bench) -> dict[str, list[dict]]:
+    """SendModelMetric under --durability local and replicated, interleaved, on a cluster
+    of 3 primaries with a replica each (see the module doc)."""
+    cfg = bench.cfg
+    cluster = BenchCluster(bench, 3, replicas=1, name="cluster3r")
+    runs: dict[str, list[dict]] = {}
+    names = [f"cluster3r-{mode}" for mode in DURABILITY]
+    try:
+        await asyncio.to_thread(cluster.start)
+        specs = [
+            (name, cfg.cluster_replicas, "--durability", mode)
+            for name, mode in zip(names, DURABILITY, strict=True)
+        ]
+        deps = await bench.deploy(*specs, redis_url=cluster.url)
+        for _ in range(cfg.cluster_reps):
+            for mode, dep in zip(DURABILITY, deps, strict=True):
+                s = await measured(bench, dep, cluster, "SendModelMetric")
+                runs.setdefault(f"durability {mode}", []).append(s)
+    finally:
+        for name in names:
+            await bench.retire(name)
+        await asyncio.to_thread(cluster.close)
+    return runs
+
+
+def durability_rows(runs: dict[str, list[dict]], r: int) -> list[dict]:
+    local, repl = (pick_median(runs[f"durability {mode}"]) for mode in DURABILITY)
+    case = f"SendModelMetric R={r}, 3 primaries + replicas, --durability replicated"
+    base = durability.BASE
+    return [
+        *durability.cost_rows(case, repl, local),
+        row(
+            case,
+            "Redis CPU/RPC",
+            "µs",
+            repl["cpu_us_per_rpc_redis"],
+            base,
+            local["cpu_us_per_rpc_redis"],
+            "lower",
+        ),
+        row(
+            case,
+            "Redis round trips/RPC",
+            "",
+            repl["redis"]["round_trips_per_rpc"],
+            base,
+            local["redis"]["round_trips_per_rpc"],
+            "lower",
+            waits_per_rpc=sum(n["commandstats"].get("wait", 0) for n in repl["redis"]["nodes"])
+            / max(repl["rpcs"], 1),
+        ),
+    ]
+
+
 async def run(bench: Bench) -> dict:
     cfg = bench.cfg
     clusters: dict[int, BenchCluster] = {}
@@ -181,6 +247,7 @@ async def run(bench: Bench) -> dict:
         for n in PRIMARIES:
             await bench.retire(f"cluster{n}")
         await asyncio.gather(*(asyncio.to_thread(c.close) for c in clusters.values()))
+    runs.update(await durability_runs(bench))
     errors = {k: sum(r["errors"] for r in v) for k, v in runs.items()}
     codes: dict[str, dict] = {}
     for k, v in runs.items():
@@ -243,6 +310,7 @@ async def run(bench: Bench) -> dict:
                 "lower",
             ),
         ]
+    rows += durability_rows(runs, r)
     return {
         "rows": rows,
         "details": {

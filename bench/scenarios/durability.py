@@ -25,6 +25,27 @@ METHOD = "SendModelMetric"
 MODES = ("local", "replicated")
 
 
+BASE = "--durability local"
+
+
+def cost_rows(case: str, repl: dict, local: dict, **server_extra) -> list[dict]:
+    """Throughput, p99 and server CPU/RPC of a replicated run against a local one."""
+    return [
+        row(case, "msgs/s", "1/s", repl["rps"], BASE, local["rps"]),
+        row(case, "p99", "ms", repl["p99_ms"], BASE, local["p99_ms"], "lower"),
+        row(
+            case,
+            "server CPU/RPC",
+            "µs",
+            repl["cpu_us_per_rpc_servers"],
+            BASE,
+            local["cpu_us_per_rpc_servers"],
+            "lower",
+            **server_extra,
+        ),
+    ]
+
+
 def client_round_trips(s: dict) -> float:
     """Round trips per RPC of the replica under test (see the module doc)."""
     r = s["redis"]
@@ -54,18 +75,11 @@ async def run(bench: Bench) -> dict:
     local, repl = (pick_median(runs[mode]) for mode in MODES)
     trips = {mode: client_round_trips(s) for mode, s in (("local", local), ("replicated", repl))}
     case = f"{METHOD} --durability replicated"
-    base = "--durability local"
     rows = [
-        row(case, "msgs/s", "1/s", repl["rps"], base, local["rps"]),
-        row(case, "p99", "ms", repl["p99_ms"], base, local["p99_ms"], "lower"),
-        row(
+        *cost_rows(
             case,
-            "server CPU/RPC",
-            "µs",
-            repl["cpu_us_per_rpc_servers"],
-            base,
-            local["cpu_us_per_rpc_servers"],
-            "lower",
+            repl,
+            local,
             redis_cpu_us_per_rpc=repl["cpu_us_per_rpc_redis"],
             local_redis_cpu_us_per_rpc=local["cpu_us_per_rpc_redis"],
         ),
@@ -74,7 +88,7 @@ async def run(bench: Bench) -> dict:
             "Redis round trips/RPC",
             "",
             trips["replicated"],
-            base,
+            BASE,
             trips["local"],
             "lower",
             waits_per_rpc=repl["redis"]["commands"].get("wait", 0) / max(repl["rpcs"], 1),
