@@ -20,6 +20,7 @@ import redis.exceptions as rex
 
 from broker.codec import decode_entry
 from broker.context import Context, text
+from broker.retry import transient
 
 Entry = tuple[str, str, dict]  # (stream kind, entry id, decoded fields)
 
@@ -150,19 +151,33 @@ class StreamGroup:
 
     async def lag(self) -> dict[str, dict]:
         """Per kind (summed over the partitions): length, and this group's pending count
-        and lag (None if any partition's is unknown)."""
+        and lag (None if any partition's is unknown). One pipeline for every stream (on a
+        Cluster, one round trip per node instead of two calls per stream)."""
+
+        async def read() -> list:
+            pipe = self._ctx.redis.pipeline(transaction=False)
+            for stream in self._streams:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+            trouble = next((r for r in replies if isinstance(r, Exception) and transient(r)), None)
+            if trouble is not None:
+                raise trouble  # retried with the others
+            return replies
+
+        replies = await self._ctx.call(read)
         out = {k: {"length": 0, "pending": 0, "lag": 0} for k in self.kinds}
-        for stream, (kind, _) in self._streams.items():
+        for i, (kind, _) in enumerate(self._streams.values()):
             info = out[kind]
+            length, groups = replies[2 * i], replies[2 * i + 1]
+            if not isinstance(length, Exception):
+                info["length"] += length
             lag = None
-            try:
-                info["length"] += await self._ctx.call(self._ctx.redis.xlen, stream)
-                for g in await self._ctx.call(self._ctx.redis.xinfo_groups, stream):
+            if not isinstance(groups, Exception):  # no such stream yet: its lag is unknown
+                for g in groups:
                     g = {text(k): v for k, v in g.items()}
                     if text(g.get("name")) == self.group:
                         info["pending"] += g.get("pending", 0)
                         lag = g.get("lag")
-            except rex.ResponseError:
-                pass
             info["lag"] = None if lag is None or info["lag"] is None else info["lag"] + lag
         return out

@@ -356,3 +356,23 @@ async def test_the_batch_window_is_skipped_by_a_lone_caller_and_kept_under_load(
         assert batcher.round_trips == trips + 1
     finally:
         await b.close()
+
+
+async def test_lag_sums_each_kinds_partitions(broker):
+    """Inbound.lag (the status view's): per kind, the length over every partition's
+    stream, and the group's pending count and lag; unknown (None) until the group
+    exists on each of them."""
+    clients = [f"lag{i}" for i in range(12)]  # several partitions on a Cluster
+    for c in clients:
+        await broker.inbound.add("metrics", c, {"step": "1"})
+    assert (await broker.inbound.lag("g"))["metrics"] == {"length": 12, "pending": 0, "lag": None}
+    await broker.inbound.ensure_group("g")
+    view = await broker.inbound.lag("g")
+    assert view["metrics"] == {"length": 12, "pending": 0, "lag": 12}
+    assert view["statuses"] == {"length": 0, "pending": 0, "lag": 0}
+    got = []
+    while not got:  # read, not acked (count is per partition's stream)
+        got = await broker.inbound.read("g", "w1", count=1, block_ms=10)
+    assert 0 < len(got) <= 12
+    n = len(got)
+    assert (await broker.inbound.lag("g"))["metrics"] == {"length": 12, "pending": n, "lag": 12 - n}
