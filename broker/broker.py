@@ -17,6 +17,8 @@ import os
 import socket
 import uuid
 
+from redis.exceptions import ResponseError
+
 from broker import durability, schema
 from broker.batching import Batcher
 from broker.catalog import Catalog
@@ -33,7 +35,7 @@ from broker.retry import RetryPolicy
 from broker.scripts import Scripts
 from broker.sessions import Sessions
 from broker.tasks import TaskQueues
-from broker.topology import cluster_enabled, is_cluster, make_client, retry_policy
+from broker.topology import cluster_enabled, describe, is_cluster, make_client, retry_policy
 from broker.wakeups import Wakeups
 from broker.workers import Workers
 
@@ -133,6 +135,22 @@ class Broker:
 
     async def ping(self) -> bool:
         return bool(await self._ctx.call(self._redis.ping))
+
+    async def redis_view(self) -> dict:
+        """The Redis this broker runs on (topology.describe), its prefix's partitions and
+        schema version, and the durability it writes with. Without the right to run INFO
+        (an ACL user without +info), the masters are None and the reason is given."""
+        view = {
+            "partitions": self._keys.partitions,
+            "schema": schema.SCHEMA_VERSION,
+            "durability": self._settings.durability,
+        }
+        try:
+            view.update(await self._ctx.call(describe, self._redis))
+        except ResponseError as exc:
+            kind = "cluster" if self.cluster else "standalone or sentinel"
+            view.update(topology=kind, masters=None, error=str(exc))
+        return view
 
     _closed = False
 

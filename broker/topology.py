@@ -173,6 +173,38 @@ async def cluster_enabled(url: str) -> bool:
     raise error
 
 
+async def describe(client) -> dict:
+    """What a broker client runs on, for the status view: the topology, and each master
+    (each Cluster primary) with its role, version and connected replicas. Raises
+    ResponseError if the Redis user may not run INFO."""
+    sections = ("server", "replication")
+    if is_cluster(client):
+        kind = "cluster"
+        infos = await client.info(*sections, target_nodes=RedisCluster.PRIMARIES)
+    else:
+        pool = client.connection_pool
+        info = await client.info(*sections)
+        if isinstance(pool, SentinelConnectionPool):
+            kind = "sentinel"
+            host, port = await pool.get_master_address()
+        else:
+            kind = "standalone"
+            host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
+            if pool.connection_kwargs.get("path"):  # a unix socket
+                host, port = pool.connection_kwargs["path"], ""
+        infos = {f"{host}:{port}" if port else host: info}
+    masters = [
+        {
+            "address": address,
+            "role": info.get("role", "?"),
+            "version": str(info.get("redis_version", "?")),
+            "replicas": int(info.get("connected_slaves", 0)),
+        }
+        for address, info in sorted(infos.items())
+    ]
+    return {"topology": kind, "masters": masters}
+
+
 def retry_policy(url: str, cluster: bool = False) -> RetryPolicy:
     """The retries a URL's topology needs. A Sentinel failover leaves no master to talk to
     for ~2 s after Sentinels see it down (down-after-milliseconds, then the election and the

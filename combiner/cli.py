@@ -838,7 +838,8 @@ async def session_show(cfg: Config, **kw) -> None:
 @option("--json", "as_json", is_flag=True, default=False, help="Print one JSON object.")
 @run_async
 async def status(cfg: Config, **kw) -> None:
-    """Replicas, clients online, stream lengths and consumer lag, current session."""
+    """The Redis underneath (its masters and their replicas), replicas, clients online,
+    stream lengths and consumer lag, current session."""
     from combiner.views import client_view, status_view
 
     async with open_broker(cfg) as broker:

@@ -62,6 +62,19 @@ def print_status(view: dict, as_json: bool) -> None:
     from rich.table import Table
 
     console = _console()
+    redis = view["redis"]
+    console.print(
+        f"redis: {redis['topology']}, {redis['partitions']} partition(s), schema "
+        f"{redis['schema']}, durability {redis['durability']}"
+    )
+    if redis["masters"] is None:
+        console.print(f"  masters not shown: {redis['error']}")
+    else:
+        title = "primary" if redis["topology"] == "cluster" else "master"
+        table = Table(title, "role", "version", "replicas")
+        for m in redis["masters"]:
+            table.add_row(m["address"], m["role"], m["version"], str(m["replicas"]))
+        console.print(table)
     table = Table("replica", "address", "streams", "clients")
     for r in view["replicas"]:
         table.add_row(r["id"], r["address"], str(r["streams"]), str(r["clients"]))

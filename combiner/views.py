@@ -106,8 +106,9 @@ async def client_view(broker: Broker, client_id: str) -> dict:
 
 
 async def status_view(broker: Broker) -> dict:
-    """Replicas and workers alive (workers with their roles' health), clients online and
-    offline, stream lengths and lag, current sessions."""
+    """The Redis underneath (topology, masters and their replicas, partitions, schema,
+    durability), replicas and workers alive (workers with their roles' health), clients
+    online and offline, stream lengths and lag, current sessions."""
     replicas = [
         {
             "id": r.id,
@@ -137,6 +138,7 @@ async def status_view(broker: Broker) -> dict:
         )
     current = next((s for s in sessions if session_active(s)), None)
     return {
+        "redis": await broker.redis_view(),
         "replicas": replicas,
         "workers": workers,
         "clients": {

@@ -25,6 +25,7 @@ import redis
 from broker import BrokerUnavailable, connect
 from broker.context import Settings
 from broker.durability import ConfirmingClusterNode
+from combiner.views import status_view
 from tests.redis_cluster import ClusterTopology, myself
 from tests.services import eventually
 
@@ -227,3 +228,16 @@ async def test_a_write_asked_to_another_node_is_confirmed_there(topology, prefix
             assert copy.get(key) == b"v"
         finally:
             copy.close()
+
+
+async def test_status_names_each_primary_and_its_replicas(topology, prefix):
+    """The status view's redis section (combiner/views.py) on a Cluster: every primary with
+    its connected replica, the prefix's partitions and the durability written with."""
+    async with connect(topology.url, settings=replicated(prefix)) as broker:
+        view = await status_view(broker)
+    redis_view = view["redis"]
+    assert (redis_view["topology"], redis_view["partitions"]) == ("cluster", 16)
+    assert redis_view["durability"] == "replicated"
+    primaries = {f"127.0.0.1:{n.port}" for n in topology.primaries()}
+    assert {m["address"] for m in redis_view["masters"]} == primaries
+    assert all(m["role"] == "master" and m["replicas"] == 1 for m in redis_view["masters"])

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -126,6 +127,14 @@ async def test_status_json_describes_a_known_cluster(make_replica, broker, redis
     assert view["clients"]["offline"] == ["gone", "old"]
     assert view["streams"]["presence"]["length"] == 3  # connect, disconnect, stream open
     assert view["current_session"] is None and view["sessions"] == []
+    redis = view["redis"]
+    port = urlsplit(redis_url).port
+    (master,) = redis["masters"]
+    assert master["version"][0].isdigit()
+    assert master == {"address": f"127.0.0.1:{port}", "role": "master",
+                      "version": master["version"], "replicas": 0}  # fmt: skip
+    assert (redis["topology"], redis["partitions"], redis["schema"]) == ("standalone", 1, 2)
+    assert redis["durability"] == "local"
 
 
 async def test_status_client_shows_its_latest_records(tmp_path, stubs, broker, redis_url, prefix):

@@ -58,6 +58,11 @@ async def test_the_broker_works_through_the_sentinels(topology, sentinel_broker)
     reply = await broker.tasks.poll("alice")
     assert reply.task is not None and reply.task.correlation_id == corr
     assert await broker.ping()
+    view = await broker.redis_view()  # the status view's: the master Sentinel names
+    (master,) = view["masters"]
+    assert view["topology"] == "sentinel"
+    assert master["address"] == f"127.0.0.1:{topology.master_port()}"
+    assert (master["role"], master["replicas"]) == ("master", len(topology.nodes) - 1)
 
 
 async def test_calls_go_on_across_a_master_killed_with_sigkill(topology, prefix):
