@@ -329,6 +329,35 @@ class ClusterTopology:
         )  # fmt: skip
         self._wait(self._check_problem, timeout, "the cluster to settle after the reshard")
 
+    def move_slots(
+        self, source: ClusterNode, target: ClusterNode, slots: list[int], timeout: float = 60.0
+    ) -> None:
+        """Move these slots (and their keys) from source to target, as redis-cli's reshard
+        does slot by slot (IMPORTING / MIGRATING, MIGRATE of the keys, SETSLOT NODE on every
+        primary, the target first), then wait as reshard() does. reshard() lets redis-cli
+        pick the slots; this moves the ones a test needs moved."""
+        self.wait_ok(timeout)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        others = [p for p in self.primaries() if p is not source and p is not target]
+        # the target first, so it owns the slot before the source hands it over
+        clients = [n.client(decode_responses=False, socket_timeout=10) for n in (target, source)]
+        clients += [n.client() for n in others]
+        dst, src = clients[0], clients[1]
+        try:
+            for slot in slots:
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+                while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                    src.execute_command(
+                        "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
+                    )
+                for client in clients:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        finally:
+            for client in clients:
+                client.close()
+        self._wait(self._check_problem, timeout, "the cluster to settle after moving slots")
+
     def _check_problem(self) -> tuple[str, ClusterNode | None]:
         why, node = self._problem()
         if why:

@@ -87,7 +87,8 @@ def test_a_replica_takes_over_a_killed_primary():
             client.close()
 
 
-def test_reshard_moves_slots_and_their_keys():
+@pytest.mark.parametrize("how", ["redis-cli", "chosen slots"])
+def test_reshard_moves_slots_and_their_keys(how):
     with ClusterTopology(primaries=3) as topology:
         source, target = topology.primaries()[:2]
         before = myself(source)["slots"]
@@ -99,9 +100,16 @@ def test_reshard_moves_slots_and_their_keys():
                 pipe.set(key, key)
             pipe.execute()
 
-            topology.reshard(source, target, 100)
+            if how == "redis-cli":
+                topology.reshard(source, target, 100)
+            else:  # from the middle of its range: not the slots redis-cli would pick
+                owned = sorted(before)
+                chosen = owned[len(owned) // 2 :][:100]
+                topology.move_slots(source, target, chosen)
             moved = before - myself(source)["slots"]
             assert len(moved) == 100 and moved <= myself(target)["slots"]
+            if how == "chosen slots":
+                assert moved == set(chosen)
             # every node agrees, in CLUSTER SLOTS, that the target owns the moved slots
             for node in topology.nodes:
                 for low, high, primary, *_ in node.call("CLUSTER", "SLOTS"):
