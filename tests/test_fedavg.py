@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import concurrent.futures
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -101,3 +107,39 @@ def test_weight_must_be_positive():
 )
 def test_update_weight_reads_num_examples_and_rejects_anything_else(meta, weight):
     assert update_weight(meta) == weight
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 11, 8), reason="CPython 3.11.8 fixed ast.literal_eval's thread race"
+)
+def test_models_read_in_threads_never_run_literal_eval_at_once(monkeypatch):
+    """CPython 3.11.7 (this machine's) can fail ast.literal_eval, which numpy parses every
+    array header with, when two threads run it at once (workers/fedavg.py, _HEADERS): a
+    real update was refused so under load. The race is rare, so this stands in an
+    ast.literal_eval that fails whenever another thread is inside it (it waits a moment
+    inside, to make overlaps likely), and reads models in 8 threads through every reader."""
+    inside, overlaps, guard = [0], [], threading.Lock()
+    real = ast.literal_eval
+
+    def exclusive(text):
+        with guard:
+            inside[0] += 1
+            if inside[0] > 1:
+                overlaps.append(text)
+        try:
+            time.sleep(0.0005)  # lets another thread in, if nothing keeps it out
+            return real(text)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", exclusive)
+    data = save_npz(model())
+
+    def read(_):
+        load_npz(data)
+        StreamingMean().add_npz(data, 1.0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(read, range(200)))
+    assert overlaps == []

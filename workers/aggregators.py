@@ -30,7 +30,7 @@ import zipfile
 
 import numpy as np
 
-from workers.fedavg import BadUpdate, StreamingMean, _as_float, _npz_arrays, _open
+from workers.fedavg import BadUpdate, NpzReader, StreamingMean, _as_float, _npz_arrays
 
 AGGREGATORS = ("fedavg", "fedopt", "fedmedian", "fedtrimmedavg")
 FEDOPT_DEFAULTS = {
@@ -121,7 +121,7 @@ class FedOpt:
 
     def add_npz(self, data: bytes, weight: float) -> None:
         if self.mean.model is None:  # the first update must match the input model
-            with np.load(_open(data), allow_pickle=False) as npz:
+            with NpzReader(data) as npz:
                 shapes = [npz[n].shape for n in _npz_arrays(npz)]
             want = [a.shape for a in self.model_in]
             if shapes != want:
@@ -161,7 +161,7 @@ class FedOpt:
 
     def _restore(self, state: bytes) -> None:
         try:
-            with np.load(io.BytesIO(state), allow_pickle=False) as npz:
+            with NpzReader(state) as npz:
                 n = len(self.model_in)
                 self.m = [npz[f"m{i}"] for i in range(n)]
                 self.v = [npz[f"v{i}"] for i in range(n)]
@@ -189,7 +189,7 @@ class _Spooled:
         if not weight > 0:
             raise BadUpdate(f"weight (num_examples) must be > 0, got {weight}")
         try:
-            with np.load(_open(data), allow_pickle=False) as npz:
+            with NpzReader(data) as npz:
                 names = _npz_arrays(npz)
                 arrays = [npz[n] for n in names]  # one at a time would do; this checks CRCs
                 shapes = [a.shape for a in arrays]
@@ -213,7 +213,7 @@ class _Spooled:
     def result(self) -> list[np.ndarray]:
         if not self._files:
             raise ValueError("no updates")
-        files = [np.load(p, allow_pickle=False) for p in self._files]  # lazy: nothing read
+        files = [NpzReader(p) for p in self._files]  # lazy: nothing read yet
         try:
             out = []
             for i, dtype in enumerate(self._dtypes):

@@ -8,8 +8,12 @@ as float64.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
+import os
+import sys
+import threading
 import zipfile
 
 import numpy as np
@@ -56,9 +60,48 @@ def _open(data) -> io.BufferedReader:
     return io.BufferedReader(_BufferReader(data))
 
 
+# CPython 3.11 before 3.11.8 keeps ast.literal_eval's recursion count in shared state: two
+# threads inside it at once can fail one with "SystemError: AST constructor recursion
+# depth mismatch". numpy parses every array's header with it, and models are read in
+# worker threads (asyncio.to_thread), so a valid update was refused under load
+# (tests/test_failover.py). Reading one array at a time in the process avoids it.
+_HEADERS = threading.Lock() if sys.version_info < (3, 11, 8) else contextlib.nullcontext()
+
+
+class NpzReader:
+    """An npz model (bytes, or a file's path) opened for reading (np.load, no pickles),
+    used like np.load's NpzFile: ``files``, ``reader[name]``, ``close()``, a context
+    manager. Each array is read under _HEADERS."""
+
+    def __init__(self, source) -> None:
+        with _HEADERS:
+            file = source if isinstance(source, str | os.PathLike) else _open(source)
+            npz = np.load(file, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an npz archive")
+        self._npz = npz
+
+    @property
+    def files(self) -> list[str]:
+        return self._npz.files
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        with _HEADERS:
+            return self._npz[name]
+
+    def close(self) -> None:
+        self._npz.close()
+
+    def __enter__(self) -> NpzReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def load_npz(data: bytes) -> list[np.ndarray]:
     try:
-        with np.load(_open(data), allow_pickle=False) as npz:
+        with NpzReader(data) as npz:
             names = set(npz.files)
             expected = {str(i) for i in range(len(names))}
             if names != expected:
@@ -138,7 +181,7 @@ class StreamingMean:
         if not weight > 0:
             raise BadUpdate(f"weight (num_examples) must be > 0, got {weight}")
         try:
-            with np.load(_open(data), allow_pickle=False) as npz:
+            with NpzReader(data) as npz:
                 names = _npz_arrays(npz)
                 if self.model is None:  # the first update is the mean: keep its arrays
                     self.model = [_as_float(npz[name]) for name in names]
