@@ -157,7 +157,7 @@ SMOKE = Config(
     round_clients=3,
     round_model_bytes=MiB // 4,
     durability_reps=1,
-    cluster_replicas=4,
+    cluster_replicas=2,  # smoke: the path, not the figures
     cluster_reps=1,
 )
 
