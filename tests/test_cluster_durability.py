@@ -59,7 +59,8 @@ def wait_calls(topology: ClusterTopology) -> dict[int, int]:
     """WAIT commands each primary has answered."""
     calls = {}
     for node in topology.primaries():
-        stats = node.client().info("commandstats")
+        with node.client() as client:
+            stats = client.info("commandstats")
         calls[node.port] = stats.get("cmdstat_wait", {}).get("calls", 0)
     return calls
 

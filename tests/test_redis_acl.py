@@ -128,10 +128,7 @@ def acl_redis(tmp_path, prefix):
 def acl_topology(request, tmp_path, prefix):
     """The ACL file on a standalone Redis, or on every node of a Redis Cluster."""
     if request.param == "standalone":
-        acl = AclRedis(tmp_path, prefix)
-        acl.server.start()
-        yield acl
-        acl.server.close()
+        yield request.getfixturevalue("acl_redis")
         return
     acl = AclCluster(tmp_path, prefix)
     try:

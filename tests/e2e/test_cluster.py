@@ -61,13 +61,19 @@ class LogFile:
         return "\n".join(lines[-tail:])
 
 
+def attach_logs(request, tmp_path: Path, names, *files: LogFile) -> None:
+    """On failure, the report shows these Cluster processes' logs (tmp_path/NAME.log) and
+    the other files given (conftest.py)."""
+    stash = request.node.stash.setdefault(PROCS, [])
+    stash.extend(LogFile(name, tmp_path / f"{name}.log") for name in names)
+    stash.extend(files)
+
+
 @pytest.fixture
 def system(request, prefix, tmp_path, client_python):
     """A Cluster (HAProxy in front) and an E2E for the real clients, on the Cluster's Redis."""
     cluster = Cluster(tmp_path, prefix, replicas=3, workers=1)
-    logs = [f"replica{i}" for i in (1, 2, 3)] + ["worker1", "haproxy"]
-    stash = request.node.stash.setdefault(PROCS, [])
-    stash.extend(LogFile(name, tmp_path / f"{name}.log") for name in logs)
+    attach_logs(request, tmp_path, [f"replica{i}" for i in (1, 2, 3)] + ["worker1", "haproxy"])
     e2e = None
     try:
         cluster.start()

@@ -35,13 +35,14 @@ from redis.cluster import RedisCluster
 from broker.keys import Keys
 from broker.partitions import DEFAULT_CLUSTER
 from tests.cluster import Cluster
-from tests.e2e.harness import E2E, PROCS, release
+from tests.e2e.harness import E2E, release
 from tests.e2e.test_cluster import (
     LogFile,
     all_alive,
     assert_delivered_once,
     assert_survived,
     assert_trained,
+    attach_logs,
     finished,
     start_clients,
     start_session,
@@ -84,13 +85,8 @@ def system(request, prefix, tmp_path, client_python, durability):
     worker_args = (*args, "--lease-ttl", "15") if durability == "replicated" else args
     topology = ClusterTopology(primaries=3, replicas=2 if durability == "replicated" else 1)
     cluster = None
-    stash = request.node.stash.setdefault(PROCS, [])
-    stash.extend(
-        LogFile(name, tmp_path / f"{name}.log")
-        for name in ("replica1", "replica2", "worker1", "haproxy")
-    )
-    for node in topology.nodes:
-        stash.append(LogFile(f"redis node (port {node.port})", node.log_path))
+    nodes = [LogFile(f"redis node (port {n.port})", n.log_path) for n in topology.nodes]
+    attach_logs(request, tmp_path, ("replica1", "replica2", "worker1", "haproxy"), *nodes)
     e2e = None
     try:
         topology.start()

@@ -44,13 +44,14 @@ from broker.keys import Keys
 from combiner.pb import scaleout_pb2 as pb
 from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from tests.cluster import Cluster
-from tests.e2e.harness import E2E, PROCS, release
+from tests.e2e.harness import E2E, release
 from tests.e2e.test_cluster import (
     LogFile,
     all_alive,
     assert_delivered_once,
     assert_survived,
     assert_trained,
+    attach_logs,
     finished,
     start_clients,
     start_session,
@@ -92,15 +93,11 @@ def system(request, prefix, tmp_path, client_python, durability):
         tmp_path, prefix, replicas=2, workers=1, redis_url=topology.url,
         replica_args=args, worker_args=worker_args,
     )  # fmt: skip
-    stash = request.node.stash.setdefault(PROCS, [])
-    stash.extend(
-        LogFile(name, tmp_path / f"{name}.log")
-        for name in ("replica1", "replica2", "worker1", "haproxy")
-    )
-    for i, node in enumerate(topology.nodes):
-        stash.append(LogFile(f"redis node {i} (port {node.port})", node.log_path))
-    for i, sentinel in enumerate(topology.sentinels):
-        stash.append(LogFile(f"sentinel {i} (port {sentinel.port})", sentinel.log_path))
+    files = [LogFile(f"redis node {i} (port {n.port})", n.log_path)
+             for i, n in enumerate(topology.nodes)]  # fmt: skip
+    files += [LogFile(f"sentinel {i} (port {s.port})", s.log_path)
+              for i, s in enumerate(topology.sentinels)]  # fmt: skip
+    attach_logs(request, tmp_path, ("replica1", "replica2", "worker1", "haproxy"), *files)
     e2e = None
     try:
         topology.start()
