@@ -15,7 +15,7 @@ from combiner.pb import scaleout_pb2_grpc as pb_grpc
 from combiner.server import Replica, ServeOptions
 from tests import tokens
 from tests.redis_cluster import ClusterTopology
-from tests.services import redis_for_tests
+from tests.services import forget_prefix, redis_for_tests
 from workers.runner import Worker
 
 # Test modules marked `pytest.mark.topologies` run once on a standalone Redis and once on a
@@ -52,9 +52,14 @@ def redis_url(request, topology):
 
 
 @pytest.fixture
-def prefix() -> str:
-    """A fresh key prefix per test: no test sees another's keys."""
-    return f"t{uuid.uuid4().hex[:10]}"
+def prefix(request) -> str:
+    """A fresh key prefix per test: no test sees another's keys. Its keys on the session's
+    Redis are unlinked when the test ends (tests/services.py, forget_prefix)."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    if "redis_url" in request.fixturenames:
+        topology = request.getfixturevalue("topology")
+        forget_prefix(request.getfixturevalue("redis_url"), topology == "cluster", name)
 
 
 @pytest.fixture

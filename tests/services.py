@@ -8,7 +8,31 @@ import contextlib
 import os
 import time
 
+import redis
+from redis.cluster import RedisCluster
+
 from broker.redis_process import RedisProcess, answers
+
+# SCAN MATCH walks the whole keyspace of the session's shared Redis, ten keys per round trip
+# unless told otherwise: at 50,000 keys that was ~1 s per scan, and ~20 ms at this count.
+SCAN_COUNT = 10_000
+
+
+def forget_prefix(url: str, cluster: bool, prefix: str) -> None:
+    """Unlink a test's keys when it ends (tests/conftest.py, `prefix`), so that what tests
+    leave in the session's Redis does not slow every later scan. Best effort: a test that
+    broke its Redis has nothing to clean."""
+    client = RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=SCAN_COUNT))
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+        pipe.execute()
+    except (redis.RedisError, OSError):
+        pass
+    finally:
+        client.close()
 
 
 async def data_keys(broker, prefix: str = "") -> set[bytes]:
@@ -17,7 +41,8 @@ async def data_keys(broker, prefix: str = "") -> set[bytes]:
     Cluster (redis-py's cluster scan_iter)."""
     prefix = prefix or broker._keys.prefix
     marks = {broker._keys.schema.encode(), broker._keys.partition_count.encode()}
-    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*") if k not in marks}
+    keys = broker._redis.scan_iter(match=f"{prefix}:*", count=SCAN_COUNT)
+    return {k async for k in keys if k not in marks}
 
 
 async def inbound_entries(broker, kind: str) -> list[tuple[bytes, dict]]:

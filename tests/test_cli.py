@@ -18,6 +18,7 @@ import redis
 from broker.embedded import free_port
 from broker.keys import Keys
 from combiner.cli import main as cli_main
+from tests.services import SCAN_COUNT
 
 _SCRIPT = pathlib.Path(sys.executable).with_name("combiner")
 COMBINER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "combiner"]
@@ -53,7 +54,8 @@ def keys_under(rdb, prefix: str) -> list[str]:
     """The prefix's keys but its schema marks (broker/schema.py), which every command
     writes when it connects to a fresh prefix, before it looks at its input."""
     marks = {f"{prefix}:schema".encode(), f"{prefix}:partitions".encode()}
-    return sorted(k.decode() for k in rdb.scan_iter(match=f"{prefix}:*") if k not in marks)
+    keys = rdb.scan_iter(match=f"{prefix}:*", count=SCAN_COUNT)
+    return sorted(k.decode() for k in keys if k not in marks)
 
 
 # --- help ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from broker import Settings, connect
 from combiner.pb import scaleout_pb2 as pb
 from combiner.server import Replica, ServeOptions
 from tests import tokens
-from tests.services import wait_for
+from tests.services import SCAN_COUNT, wait_for
 
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name.values())
 METHODS = [(s, m) for s in SERVICES for m in s.methods]
@@ -165,7 +165,7 @@ class Tier:
         self._run(self._stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-        for key in self.redis.scan_iter(f"{self.prefix}:*"):
+        for key in self.redis.scan_iter(f"{self.prefix}:*", count=SCAN_COUNT):
             self.redis.delete(key)
         self.redis.close()
 
@@ -175,7 +175,7 @@ class Tier:
         own = (f"{self.prefix}:replica".encode(),)
         return {
             k: self.redis.dump(k)
-            for k in sorted(self.redis.scan_iter(f"{self.prefix}:*"))
+            for k in sorted(self.redis.scan_iter(f"{self.prefix}:*", count=SCAN_COUNT))
             if not k.startswith(own)
         }
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from combiner.http_api import MAX_BODY, FailureLimiter
 from combiner.signing import ALGORITHM, SigningKey, load_public
-from tests.services import RedisServer, eventually
+from tests.services import SCAN_COUNT, RedisServer, eventually
 from tests.tokens import issue, publish
 
 pytestmark = pytest.mark.topologies
@@ -29,7 +29,7 @@ REFRESH, ADD = "/api/auth/refresh", "/api/v1/clients/add"
 
 
 async def keys(broker, prefix: str) -> set[bytes]:
-    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*")}
+    return {k async for k in broker._redis.scan_iter(match=f"{prefix}:*", count=SCAN_COUNT)}
 
 
 class Api:

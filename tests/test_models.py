@@ -13,7 +13,7 @@ import pytest
 
 from combiner.pb import scaleout_pb2 as pb
 from tests.conftest import Stubs, meta
-from tests.services import eventually
+from tests.services import SCAN_COUNT, eventually
 
 pytestmark = pytest.mark.topologies
 
@@ -69,11 +69,13 @@ class Store:
     async def keys_of(self, model_id: str) -> list[str]:
         # encoded ids only hold [A-Za-z0-9._~%-]: no glob characters
         pattern = self.broker._keys.model(model_id) + "*"
-        return [k.decode() async for k in self.broker._redis.scan_iter(match=pattern)]
+        keys = self.broker._redis.scan_iter(match=pattern, count=SCAN_COUNT)
+        return [k.decode() async for k in keys]
 
     async def all_model_keys(self) -> list[str]:
         pattern = f"{self.broker._keys.prefix}:model:*"
-        return [k.decode() async for k in self.broker._redis.scan_iter(match=pattern)]
+        keys = self.broker._redis.scan_iter(match=pattern, count=SCAN_COUNT)
+        return [k.decode() async for k in keys]
 
     def files(self) -> list[pathlib.Path]:
         if self.model_dir is None:
