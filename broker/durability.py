@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.client import _PIPELINE_YIELD_MIN_COMMANDS, Pipeline, _yield_in_read_loop
 from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ResponseError
 
 from broker.errors import BrokerUnavailable
@@ -302,14 +303,36 @@ def confirm_cluster(client: RedisCluster, confirm: Confirmation | None) -> Redis
     """Make a cluster client's writes wait for replicas (nothing for local durability)."""
     if confirm is None:
         return client
-    node_class = type("ConfirmingClusterNode", (ConfirmingClusterNode,), {"__slots__": ()})
-    node_class.confirmation = confirm
+    node_class = type(
+        "ConfirmingClusterNode",
+        (ConfirmingClusterNode,),
+        {"__slots__": (), "confirmation": confirm},
+    )
     manager = client.nodes_manager
-    manager.__class__ = type("ConfirmingNodesManager", (ConfirmingNodesManager,), {"__slots__": ()})
-    manager.__class__.node_class = node_class
+    manager.__class__ = type(
+        "ConfirmingNodesManager",
+        (ConfirmingNodesManager,),
+        {"__slots__": (), "node_class": node_class},
+    )
     manager.set_nodes(manager.startup_nodes, {})  # the nodes it already has
     client.confirmation = confirm
     return client
+
+
+async def master_infos(redis, *sections: str) -> dict[str, dict]:
+    """INFO of each master by its address: every primary of a Cluster, else the one master
+    (the one Sentinel names now)."""
+    if isinstance(redis, RedisCluster):
+        return await redis.info(*sections, target_nodes=RedisCluster.PRIMARIES)
+    pool = redis.connection_pool
+    info = await redis.info(*sections)
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = await pool.get_master_address()
+    else:
+        host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
+        if pool.connection_kwargs.get("path"):  # a unix socket
+            return {pool.connection_kwargs["path"]: info}
+    return {f"{host}:{port}": info}
 
 
 async def probe(redis) -> None:
@@ -319,12 +342,8 @@ async def probe(redis) -> None:
     confirm = getattr(redis, "confirmation", None)
     if confirm is None:
         return
-    sections = ("server", "replication", "persistence")
     try:
-        if isinstance(redis, RedisCluster):
-            masters = await redis.info(*sections, target_nodes=RedisCluster.PRIMARIES)
-        else:
-            masters = {"": await redis.info(*sections)}
+        masters = await master_infos(redis, "server", "replication", "persistence")
     except ResponseError as exc:  # an ACL user without +info (docs/redis.md, "ACL users")
         log.warning("durability replicated: cannot check the replicas (%s); using WAIT", exc)
         return
@@ -335,10 +354,10 @@ async def probe(redis) -> None:
         connected = int(info.get("connected_slaves", 0))
         if info.get("role") != "master" or connected < confirm.replicas:
             log.warning(
-                "durability replicated: Redis %s(%s) has %d connected replica(s), %d needed: "
+                "durability replicated: Redis %s (%s) has %d connected replica(s), %d needed: "
                 "writes will fail (FAILED_PRECONDITION, 'write not confirmed') until enough "
                 "replicas are connected",
-                f"{name} " if name else "",
+                name,
                 info.get("role", "?"),
                 connected,
                 confirm.replicas,

@@ -42,7 +42,7 @@ from redis.asyncio.sentinel import (
 from redis.backoff import NoBackoff
 
 from broker.connection import with_hiredis_packing
-from broker.durability import Confirmation, confirm_cluster, redis_class
+from broker.durability import Confirmation, confirm_cluster, master_infos, redis_class
 from broker.errors import Misconfigured
 from broker.retry import RetryPolicy
 
@@ -177,22 +177,10 @@ async def describe(client) -> dict:
     """What a broker client runs on, for the status view: the topology, and each master
     (each Cluster primary) with its role, version and connected replicas. Raises
     ResponseError if the Redis user may not run INFO."""
-    sections = ("server", "replication")
-    if is_cluster(client):
-        kind = "cluster"
-        infos = await client.info(*sections, target_nodes=RedisCluster.PRIMARIES)
-    else:
-        pool = client.connection_pool
-        info = await client.info(*sections)
-        if isinstance(pool, SentinelConnectionPool):
-            kind = "sentinel"
-            host, port = await pool.get_master_address()
-        else:
-            kind = "standalone"
-            host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
-            if pool.connection_kwargs.get("path"):  # a unix socket
-                host, port = pool.connection_kwargs["path"], ""
-        infos = {f"{host}:{port}" if port else host: info}
+    kind = "cluster" if is_cluster(client) else "standalone"
+    if isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool):
+        kind = "sentinel"
+    infos = await master_infos(client, "server", "replication")
     masters = [
         {
             "address": address,

@@ -228,6 +228,11 @@ class ClusterTopology:
                 return node
         raise RuntimeError(f"no live primary owns slot {slot}")
 
+    def replicas_of(self, primary: ClusterNode) -> list[ClusterNode]:
+        """The live nodes that replicate this primary."""
+        me = myself(primary)["id"]
+        return [n for n in self.live() if n is not primary and myself(n)["master"] == me]
+
     def node_at(self, port: int) -> ClusterNode:
         return next(n for n in self.nodes if n.port == port)
 
@@ -292,12 +297,11 @@ class ClusterTopology:
     def kill_primary(self, node: ClusterNode, timeout: float = 30.0) -> ClusterNode:
         """kill -9 a primary, wait until one of its replicas owns all its slots and the
         remaining nodes say the cluster is ok; return that new primary."""
-        me = myself(node)
-        slots = me["slots"]
+        slots = myself(node)["slots"]
         if not slots:
             raise ValueError(f"127.0.0.1:{node.port} owns no slots")
         # the log to show if none takes over: one of its replicas says why (or nothing)
-        replicas = [n for n in self.live() if n is not node and myself(n)["master"] == me["id"]]
+        replicas = self.replicas_of(node)
         witness = replicas[0] if replicas else None
         node.kill()
         probe = min(slots)

@@ -26,7 +26,7 @@ from broker import BrokerUnavailable, connect
 from broker.context import Settings
 from broker.durability import ConfirmingClusterNode
 from combiner.views import status_view
-from tests.redis_cluster import ClusterTopology, myself
+from tests.redis_cluster import ClusterTopology
 from tests.services import eventually
 
 CLIENTS = [f"c{i}" for i in range(48)]  # every partition, so every primary, gets some
@@ -44,9 +44,7 @@ def replicated(prefix: str, **kw) -> Settings:
 
 def replica_of(topology: ClusterTopology, primary) -> redis.Redis:
     """A READONLY connection to the primary's replica (reads its own copy, no MOVED)."""
-    me = myself(primary)["id"]
-    node = next(n for n in topology.live() if myself(n)["master"] == me)
-    client = node.client(decode_responses=False)
+    client = topology.replicas_of(primary)[0].client(decode_responses=False)
     client.execute_command("READONLY")
     return client
 
@@ -119,8 +117,7 @@ async def test_a_paused_replica_fails_only_its_primarys_writes(topology, prefix)
         victim = owner(topology, keys.client(CLIENTS[0]))
         on_victim = {c for c in CLIENTS if owner(topology, keys.client(c)) is victim}
         assert on_victim and len(on_victim) < len(CLIENTS)
-        me = myself(victim)["id"]
-        its_replica = next(n for n in topology.live() if myself(n)["master"] == me)
+        (its_replica,) = topology.replicas_of(victim)
         await asyncio.gather(*(b.inbound.add("metrics", c, {"step": "0"}) for c in CLIENTS))
         with paused(its_replica):
             results = await asyncio.gather(
